@@ -1,0 +1,1 @@
+"""Adapters: each implements the ports over one technology and translates its errors."""

@@ -1,0 +1,1 @@
+"""Postgres backend: psycopg 3 async, LISTEN/NOTIFY, SQL in .sql files."""

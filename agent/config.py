@@ -1,0 +1,176 @@
+"""The one reader of the environment: every setting, its default and its validation."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from agent.domain.errors import AgentError
+
+Backend = Literal["supabase", "postgres", "embedded"]
+ShutdownMode = Literal["wait", "release"]
+UrlMode = Literal["public", "signed"]
+
+
+class ConfigError(AgentError):
+    def __init__(self, key: str, value: str, reason: str) -> None:
+        super().__init__(f"Invalid setting {key}={value!r}: {reason}")
+        self.key = key
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "saturnos-agent"
+
+
+@dataclass(frozen=True)
+class Settings:
+    supabase_url: str | None = None
+    supabase_service_role_key: str | None = None
+    database_url: str | None = None
+    data_dir: Path = field(default_factory=_default_data_dir)
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    dataset_root: Path | None = None
+    runs_dir: Path | None = None
+    weights_dir: Path | None = None
+    dataset_cache_dir: Path | None = None
+    artifacts_dir: Path | None = None
+    supabase_artifacts_bucket: str = "training-artifacts"
+    supabase_datasets_bucket: str = "datasets"
+    artifact_url_mode: UrlMode = "public"
+    signed_url_ttl: int = 7 * 24 * 3600
+    poll_interval: float = 60.0
+    degraded_poll_interval: float = 5.0
+    heartbeat_interval: float = 10.0
+    progress_interval: float = 2.0
+    checkpoint_interval: float = 300.0
+    stale_after: float = 120.0
+    max_attempts: int = 3
+    max_concurrent_runs: int = 1
+    shutdown_mode: ShutdownMode = "wait"
+    stop_grace: float = 3.0
+    kill_grace: float = 3.0
+    offline: bool | None = None  # None: probe at start
+    download_concurrency: int = 16
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @property
+    def backend(self) -> Backend:
+        if self.supabase_url:
+            return "supabase"
+        if self.database_url:
+            return "postgres"
+        return "embedded"
+
+    @property
+    def runs_root(self) -> Path:
+        return self.runs_dir or self.data_dir / "runs"
+
+    @property
+    def cache_root(self) -> Path:
+        return self.dataset_cache_dir or self.data_dir / "cache" / "datasets"
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def embedded_pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _convert(f.name.upper(), str(f.type), raw.strip())
+        if "supabase_url" in values and "supabase_service_role_key" not in values:
+            raise ConfigError("SUPABASE_SERVICE_ROLE_KEY", "", "is required with SUPABASE_URL")
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = (
+            "poll_interval",
+            "degraded_poll_interval",
+            "heartbeat_interval",
+            "progress_interval",
+            "checkpoint_interval",
+            "stale_after",
+            "stop_grace",
+            "kill_grace",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name.upper(), str(getattr(self, name)), "must be > 0")
+        for name in ("max_attempts", "max_concurrent_runs", "download_concurrency", "signed_url_ttl"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name.upper(), str(getattr(self, name)), "must be >= 1")
+        if self.stale_after <= 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "STALE_AFTER", str(self.stale_after), "must be more than twice HEARTBEAT_INTERVAL"
+            )
+
+
+_CHOICES = {
+    "SHUTDOWN_MODE": ("wait", "release"),
+    "ARTIFACT_URL_MODE": ("public", "signed"),
+}
+
+
+def _convert(key: str, type_name: str, raw: str) -> object:
+    if key in _CHOICES:
+        if raw.lower() not in _CHOICES[key]:
+            raise ConfigError(key, raw, f"must be one of {', '.join(_CHOICES[key])}")
+        return raw.lower()
+    if "Path" in type_name:
+        return Path(raw).expanduser()
+    if "bool" in type_name:
+        lowered = raw.lower()
+        if lowered == "auto" and "None" in type_name:
+            return None
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, raw, "must be true/false (1/0)")
+    if "float" in type_name:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(key, raw, "must be a number of seconds") from None
+    if "int" in type_name:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(key, raw, "must be a whole number") from None
+    return raw
+
+
+# Names the old saturnos-trainer read that this agent accepts without using.
+LEGACY_SETTINGS = ("CANCEL_CHECK_INTERVAL", "TIMESTAMP_STREAMS", "SUPABASE_STORAGE_BUCKET")
+
+
+def legacy_settings_present(env: Mapping[str, str] | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    return [k for k in LEGACY_SETTINGS if k in env]
+
+
+def child_environment(settings: Settings, offline: bool) -> dict[str, str]:
+    """The environment for a trainer child: the parent's, plus the offline switches when needed."""
+    env = dict(os.environ)
+    if offline:
+        env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "HF_HUB_OFFLINE": "1"})
+    env["SATURNOS_OFFLINE"] = "1" if offline else "0"
+    return env

@@ -1,0 +1,1 @@
+"""Pure types and rules: no I/O, no third-party imports beyond the standard library."""

@@ -1,0 +1,41 @@
+"""Errors the core reasons about; adapters translate their own exceptions into these."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class InvalidRequest(AgentError):
+    """The run's request (row fields or configuration) is unusable; the run fails."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        self.key = key
+        self.value = value
+        self.reason = reason
+        super().__init__(f"Invalid training request: {key}={value!r}: {reason}")
+
+
+class DatasetError(AgentError):
+    """The dataset cannot be resolved, fetched or normalized; the run fails."""
+
+
+class WeightsError(AgentError):
+    """The requested base model weights are unavailable; the run fails."""
+
+
+class TrainingFailed(AgentError):
+    """The child trainer exited with an error."""
+
+
+class BackendUnavailable(AgentError):
+    """A transient backend failure (connection lost, timeout, 5xx): worth retrying."""
+
+
+class BackendError(AgentError):
+    """A permanent backend failure (bad request, permission, schema): not worth retrying."""
+
+
+class NotFound(BackendError):
+    """The object asked for does not exist."""

@@ -1,0 +1,293 @@
+"""The training request: row fields plus `configuration`, parsed and validated.
+
+Keys follow the web app (camelCase) and the old script's defaults. Every bad value raises
+InvalidRequest naming the key, so the run fails with a message the user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.domain.errors import InvalidRequest
+from agent.domain.run import RunRow
+
+Task = Literal["detect", "segment"]
+TrainerKind = Literal["ultralytics", "fake"]
+
+DEFAULT_BASE_MODEL = "YOLOv8s"
+OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto")
+_TASK_ALIASES: dict[str, Task] = {
+    "detect": "detect",
+    "detection": "detect",
+    "det": "detect",
+    "segment": "segment",
+    "segmentation": "segment",
+    "seg": "segment",
+}
+# (low, high) inclusive, as ultralytics documents them.
+AUGMENTATION_RANGES: dict[str, tuple[float, float]] = {
+    "hsv_h": (0.0, 1.0),
+    "hsv_s": (0.0, 1.0),
+    "hsv_v": (0.0, 1.0),
+    "degrees": (-180.0, 180.0),
+    "translate": (0.0, 1.0),
+    "scale": (0.0, 1.0),
+    "shear": (-180.0, 180.0),
+    "perspective": (0.0, 0.001),
+    "flipud": (0.0, 1.0),
+    "fliplr": (0.0, 1.0),
+    "mosaic": (0.0, 1.0),
+    "mixup": (0.0, 1.0),
+    "copy_paste": (0.0, 1.0),
+}
+_HUB_MODEL = re.compile(r"^yolov8([nsmlx])(-seg)?$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|\d+(\s*,\s*\d+)*)$", re.IGNORECASE)
+MIN_IMGSZ, MAX_IMGSZ = 32, 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FakeOptions:
+    """Knobs of the built-in fake trainer (tests, benchmarks, smoke checks)."""
+
+    epoch_seconds: float = 0.2
+    batches: int = 5
+    crash_at_epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingRequest:
+    data_yaml: str
+    base_model: str
+    task: Task | None
+    epochs: int
+    batch: int
+    imgsz: int
+    lr0: float
+    optimizer: str
+    device: str | None  # None: the request did not say; the child picks cuda:0 or cpu
+    pretrained: bool
+    augmentation: Mapping[str, float]
+    trainer: TrainerKind = "ultralytics"
+    plots: bool = True
+    workers: int | None = None
+    patience: int | None = None
+    seed: int | None = None
+    fake: FakeOptions = field(default_factory=FakeOptions)
+    notes: tuple[str, ...] = ()
+
+
+def configuration_of(raw: object) -> dict[str, object]:
+    """`configuration` as a dict: a JSON object, a JSON string of one, or nothing."""
+    if raw is None:
+        return {}
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode("utf-8", errors="replace")
+    if isinstance(raw, str):
+        if not raw.strip():
+            return {}
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest("configuration", _short(raw), f"is not valid JSON ({exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise InvalidRequest("configuration", _short(raw), "must be a JSON object")
+    return {str(k): v for k, v in raw.items()}
+
+
+def parse_request(row: RunRow) -> TrainingRequest:
+    cfg = configuration_of(row.configuration)
+    notes: list[str] = []
+
+    data_yaml = _first(row.data_yaml, cfg.get("dataYaml"), cfg.get("data_yaml"))
+    if data_yaml is None:
+        raise InvalidRequest("data_yaml", None, "is required (row column data_yaml or configuration.dataYaml)")
+    if not isinstance(data_yaml, str) or not data_yaml.strip():
+        raise InvalidRequest("data_yaml", data_yaml, "must be a non-empty string")
+
+    base_model = _first(row.base_model, cfg.get("baseModel"), cfg.get("base_model")) or DEFAULT_BASE_MODEL
+    if not isinstance(base_model, str):
+        raise InvalidRequest("base_model", base_model, "must be a string")
+    base_model = base_model.strip()
+    if not (_HUB_MODEL.match(base_model) or base_model.endswith((".pt", ".yaml", ".yml"))):
+        raise InvalidRequest(
+            "base_model", base_model, "unknown model: use YOLOv8n|s|m|l|x, or a .pt or .yaml path"
+        )
+
+    task = _task(cfg)
+    epochs = _int(cfg, "epochs", 100, low=1, high=100_000)
+    batch = _int(cfg, "batchSize", 16, low=-1, high=65_536)
+    if batch == 0 or batch < -1:
+        raise InvalidRequest("batchSize", cfg.get("batchSize"), "must be >= 1, or -1 for auto")
+    imgsz = _int(cfg, "imgSize", 640, low=MIN_IMGSZ, high=MAX_IMGSZ)
+    if imgsz % 32:
+        notes.append(f"imgSize {imgsz} is not a multiple of 32; ultralytics rounds it up to {math.ceil(imgsz / 32) * 32}")
+    lr0 = _float(cfg, "learningRate", 0.001, low=0.0, high=1.0, low_open=True)
+    optimizer = _optimizer(cfg.get("optimizer", "Adam"))
+    device = _device(cfg.get("device", 0))
+    pretrained = _bool(cfg, "pretrained", True)
+    augmentation = _augmentation(cfg.get("augmentation"))
+    trainer = cfg.get("trainer", "ultralytics")
+    if trainer not in ("ultralytics", "fake"):
+        raise InvalidRequest("trainer", trainer, "must be 'ultralytics' or 'fake'")
+
+    return TrainingRequest(
+        data_yaml=data_yaml.strip(),
+        base_model=base_model,
+        task=task,
+        epochs=epochs,
+        batch=batch,
+        imgsz=imgsz,
+        lr0=lr0,
+        optimizer=optimizer,
+        device=device,
+        pretrained=pretrained,
+        augmentation=augmentation,
+        trainer="fake" if trainer == "fake" else "ultralytics",
+        plots=_bool(cfg, "plots", True),
+        workers=_opt_int(cfg, "workers", low=0, high=64),
+        patience=_opt_int(cfg, "patience", low=0, high=100_000),
+        seed=_opt_int(cfg, "seed", low=0, high=2**31 - 1),
+        fake=FakeOptions(
+            epoch_seconds=_float(cfg, "fakeEpochSeconds", 0.2, low=0.0, high=3600.0),
+            batches=_int(cfg, "fakeBatches", 5, low=1, high=10_000),
+            crash_at_epoch=_opt_int(cfg, "fakeCrashAtEpoch", low=1, high=100_000),
+        ),
+        notes=tuple(notes),
+    )
+
+
+def model_reference(base_model: str, task: Task, pretrained: bool) -> str:
+    """`YOLOv8n` → `yolov8n.pt` / `yolov8n-seg.pt` (or `.yaml` from scratch); paths unchanged."""
+    m = _HUB_MODEL.match(base_model)
+    if m is None:
+        return base_model
+    suffix = "-seg" if task == "segment" else ""
+    return f"yolov8{m.group(1).lower()}{suffix}.{'pt' if pretrained else 'yaml'}"
+
+
+def _first(*values: object) -> object:
+    for v in values:
+        if v is not None and v != "":
+            return v
+    return None
+
+
+def _short(value: object, limit: int = 80) -> object:
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value
+
+
+def _task(cfg: Mapping[str, object]) -> Task | None:
+    for key in ("task", "modelTask", "trainingTask"):
+        value = cfg.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or value.strip().lower() not in _TASK_ALIASES:
+            raise InvalidRequest(key, value, "must be 'detect' or 'segment'")
+        return _TASK_ALIASES[value.strip().lower()]
+    return None
+
+
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool):
+        raise InvalidRequest(key, value, "must be a number, not a boolean")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            raise InvalidRequest(key, value, "must be a number") from None
+    else:
+        raise InvalidRequest(key, value, "must be a number")
+    if not math.isfinite(result):
+        raise InvalidRequest(key, value, "must be a finite number")
+    return result
+
+
+def _int(cfg: Mapping[str, object], key: str, default: int, *, low: int, high: int) -> int:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    number = _number(key, value)
+    if not number.is_integer():
+        raise InvalidRequest(key, value, "must be a whole number")
+    if not low <= number <= high:
+        raise InvalidRequest(key, value, f"must be between {low} and {high}")
+    return int(number)
+
+
+def _opt_int(cfg: Mapping[str, object], key: str, *, low: int, high: int) -> int | None:
+    return None if cfg.get(key) is None else _int(cfg, key, 0, low=low, high=high)
+
+
+def _float(
+    cfg: Mapping[str, object], key: str, default: float, *, low: float, high: float, low_open: bool = False
+) -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    number = _number(key, value)
+    if number > high or number < low or (low_open and number == low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise InvalidRequest(key, value, f"must be {bound} and <= {high}")
+    return number
+
+
+def _bool(cfg: Mapping[str, object], key: str, default: bool) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidRequest(key, value, "must be true or false")
+
+
+def _optimizer(value: object) -> str:
+    if isinstance(value, str):
+        for name in OPTIMIZERS:
+            if name.lower() == value.strip().lower():
+                return name
+    raise InvalidRequest("optimizer", value, f"must be one of {', '.join(OPTIMIZERS)}")
+
+
+def _device(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest("device", value, "must be a GPU index, a list of indexes, or 'cpu'")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidRequest("device", value, "must be >= 0")
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, str) and _DEVICE.match(value.strip()):
+        return value.strip().lower().replace(" ", "")
+    raise InvalidRequest("device", value, "must be a GPU index, a list of indexes, 'cuda:N', 'mps' or 'cpu'")
+
+
+def _augmentation(value: object) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("augmentation", value, "must be an object of augmentation values")
+    result: dict[str, float] = {}
+    for key, raw in value.items():
+        name = f"augmentation.{key}"
+        if key not in AUGMENTATION_RANGES:
+            raise InvalidRequest(name, raw, f"unknown augmentation; known: {', '.join(AUGMENTATION_RANGES)}")
+        low, high = AUGMENTATION_RANGES[key]
+        number = _number(name, raw)
+        if not low <= number <= high:
+            raise InvalidRequest(name, raw, f"must be between {low} and {high}")
+        result[key] = number
+    return result

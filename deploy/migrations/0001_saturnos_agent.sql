@@ -1,0 +1,1 @@
+../../agent/backends/postgres/sql/schema.sql
