@@ -1,0 +1,1 @@
+"""Local backend: artifacts in a folder, with file:// URLs."""

@@ -1,0 +1,436 @@
+"""One run, top to bottom: claimed → prepare → train → progress → artifacts → finalize.
+
+The agent loop (agent.py) hears events, claims, and hands each claimed run to `execute`.
+Everything that happens to that run afterwards is in this module, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mimetypes
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, assert_never
+
+from loguru import logger
+
+from agent.core.progress import ProgressTracker
+from agent.domain.errors import (
+    AgentError,
+    BackendError,
+    BackendUnavailable,
+    DatasetError,
+    InvalidRequest,
+    WeightsError,
+)
+from agent.domain.request import Task, TrainingRequest, parse_request
+from agent.domain.results import summarize
+from agent.domain.run import Artifact, Canceled, Claimed, Completed, Failed, Lease, Outcome
+from agent.ports import (
+    BlobStore,
+    ChildExit,
+    Datasets,
+    PreparedDataset,
+    RunStore,
+    Trainer,
+    TrainingProcess,
+    TrainJob,
+)
+from agent.retry import transient, until_it_lands
+
+T = TypeVar("T")
+ModelResolver = Callable[[TrainingRequest, Task], str]
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    runs_root: Path
+    progress_interval: float = 2.0
+    heartbeat_interval: float = 10.0
+    checkpoint_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class Deps:
+    store: RunStore
+    blobs: BlobStore
+    datasets: Datasets
+    trainer: Trainer
+    resolve_model: ModelResolver
+    settings: PipelineSettings
+
+
+Interrupt = Literal["cancel", "release", "lost"]
+
+
+@dataclass
+class RunControl:
+    """How the agent loop talks to a run in flight: cancel, release on shutdown, lease lost."""
+
+    lease: Lease
+    events: dict[Interrupt, asyncio.Event] = field(
+        default_factory=lambda: {"cancel": asyncio.Event(), "release": asyncio.Event(), "lost": asyncio.Event()}
+    )
+    pid: int | None = None
+    cancel_heard_at: float | None = None
+
+    def interrupt(self, why: Interrupt) -> None:
+        if why == "cancel" and self.cancel_heard_at is None:
+            self.cancel_heard_at = time.monotonic()
+        self.events[why].set()
+
+    def interrupted(self) -> Interrupt | None:
+        order: tuple[Interrupt, ...] = ("lost", "cancel", "release")
+        return next((why for why in order if self.events[why].is_set()), None)
+
+    async def wait_interrupt(self) -> Interrupt:
+        waiters = {asyncio.ensure_future(e.wait()): why for why, e in self.events.items()}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        why = self.interrupted()
+        assert why is not None
+        return why
+
+
+class _Interrupted(Exception):
+    def __init__(self, why: Interrupt) -> None:
+        self.why = why
+
+
+async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
+    """Run one claimed run to its final row. Never raises for a problem of the run itself."""
+    lease = claimed.lease
+    log = logger.bind(run_id=lease.run_id, worker=lease.worker_id, attempt=lease.attempt)
+    log.info("run claimed")
+
+    try:
+        request = parse_request(claimed.row)
+    except InvalidRequest as exc:
+        await finalize(deps, lease, Failed(str(exc)), log)
+        return
+    for note in request.notes:
+        log.info("request note: {}", note)
+
+    workspace = deps.settings.runs_root / lease.run_id / f"attempt-{lease.attempt}"
+    heartbeat = asyncio.create_task(_heartbeat(deps, control, None), name=f"heartbeat-{lease.run_id}")
+    try:
+        try:
+            job = await _until_interrupted(control, _prepare(deps, lease, request, workspace, log))
+        except (DatasetError, WeightsError) as exc:
+            await finalize(deps, lease, Failed(str(exc)), log)
+            return
+
+        proc = await deps.trainer.start(job)
+        control.pid = proc.pid
+        log.bind(pid=proc.pid, trainer=request.trainer).info("trainer started")
+        heartbeat.cancel()
+        outcome = await _train(deps, lease, job, proc, control, log)
+    except _Interrupted as stop:
+        outcome = await _interrupted_before_training(deps, lease, stop.why, log)
+    finally:
+        heartbeat.cancel()
+
+    if outcome is not None:
+        await finalize(deps, lease, outcome, log)
+
+
+async def _prepare(
+    deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Any
+) -> TrainJob:
+    """Dataset into the workspace, weights located, previous attempt's checkpoint fetched."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    if request.trainer == "fake":
+        return TrainJob(lease.run_id, lease.attempt, request, workspace, None, "fake")
+    started = time.monotonic()
+    dataset: PreparedDataset = await deps.datasets.prepare(request, lease.run_id, workspace)
+    log.bind(task=dataset.task, seconds=round(time.monotonic() - started, 2), **dataset.summary).info(
+        "dataset prepared"
+    )
+    model = deps.resolve_model(request, dataset.task)
+    resume = await _fetch_checkpoint(deps, lease, workspace, log) if lease.attempt > 1 else None
+    return TrainJob(lease.run_id, lease.attempt, request, workspace, dataset, model, resume)
+
+
+async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Any) -> Path | None:
+    dest = workspace / "resume" / "last.pt"
+    try:
+        found = await transient("checkpoint download", lambda: deps.blobs.download(checkpoint_key(lease.run_id), dest))
+    except (BackendError, BackendUnavailable) as exc:
+        log.warning("no checkpoint to resume from: {}", exc)
+        return None
+    if found:
+        log.bind(path=str(dest)).info("resuming from the previous attempt's checkpoint")
+    return dest if found else None
+
+
+async def _train(
+    deps: Deps, lease: Lease, job: TrainJob, proc: TrainingProcess, control: RunControl, log: Any
+) -> Outcome | None:
+    """Stream the child's messages into the row until it ends or the run is interrupted."""
+    tracker = ProgressTracker(total_epochs=job.request.epochs)
+    wake = asyncio.Event()
+    writer = asyncio.create_task(_heartbeat(deps, control, (tracker, wake)), name=f"progress-{lease.run_id}")
+    checkpoints = _CheckpointUploader(deps, lease, log)
+
+    async def consume() -> None:
+        async for msg in proc.messages():
+            tracker.update(msg)
+            if tracker.urgent:
+                wake.set()
+                if tracker.checkpoint:
+                    checkpoints.maybe_upload(Path(tracker.checkpoint))
+
+    consumer = asyncio.create_task(consume(), name=f"messages-{lease.run_id}")
+    interrupt = asyncio.create_task(control.wait_interrupt())
+    try:
+        await asyncio.wait({consumer, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        why = control.interrupted()
+        if why is not None and not (consumer.done() and tracker.done is not None):
+            return await _stop_training(deps, lease, proc, control, why, log)
+        exit_ = await proc.wait()
+    finally:
+        interrupt.cancel()
+        consumer.cancel()
+        writer.cancel()
+        await checkpoints.drain()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+    if tracker.done is None:
+        return Failed(_crash_message(exit_, tracker))
+    log.bind(seconds=round(time.monotonic() - tracker.updated_at, 2)).info("training finished")
+    try:
+        return await _completed(deps, lease, job, tracker)
+    except (BackendError, BackendUnavailable, OSError) as exc:
+        return Failed(f"Training finished but uploading its artifacts failed: {exc}")
+
+
+async def _stop_training(
+    deps: Deps, lease: Lease, proc: TrainingProcess, control: RunControl, why: Interrupt, log: Any
+) -> Outcome | None:
+    if why == "cancel":
+        await _write_canceling(deps, lease, log)
+    exit_ = await proc.stop(why)
+    latency = None if control.cancel_heard_at is None else time.monotonic() - control.cancel_heard_at
+    log.bind(reason=why, returncode=exit_.returncode, stop_s=latency and round(latency, 3)).info("trainer stopped")
+    if why == "cancel":
+        return Canceled()
+    if why == "release":
+        released = await until_it_lands("release", lambda: deps.store.release(lease))
+        log.bind(released=released).info("run released for another worker")
+        return None
+    if why == "lost":
+        log.warning("lease lost (run taken away or deleted): dropped without a final write")
+        return None
+    assert_never(why)
+
+
+async def _interrupted_before_training(deps: Deps, lease: Lease, why: Interrupt, log: Any) -> Outcome | None:
+    if why == "cancel":
+        await _write_canceling(deps, lease, log)
+        return Canceled()
+    if why == "release":
+        await until_it_lands("release", lambda: deps.store.release(lease))
+        log.info("run released before training started")
+        return None
+    if why == "lost":
+        log.warning("lease lost before training started")
+        return None
+    assert_never(why)
+
+
+async def _write_canceling(deps: Deps, lease: Lease, log: Any) -> None:
+    try:
+        await transient("mark canceling", lambda: deps.store.mark_canceling(lease), within=5.0)
+    except (BackendError, BackendUnavailable) as exc:
+        # The final `canceled` write is what matters; this intermediate state is best effort.
+        log.warning("could not write canceling: {}", exc)
+
+
+async def _completed(deps: Deps, lease: Lease, job: TrainJob, tracker: ProgressTracker) -> Outcome:
+    assert tracker.done is not None
+    save_dir = Path(tracker.done.save_dir)
+    artifacts = await upload_artifacts(deps.blobs, lease.run_id, save_dir)
+    task: Task = job.dataset.task if job.dataset else (job.request.task or "detect")
+    best = next((a for a in artifacts if a.name == "best.pt"), None) or next(
+        (a for a in artifacts if a.name == "last.pt"), None
+    )
+    tracker.percent, tracker.eta_seconds = 100.0, 0.0
+    results: dict[str, Any] = {
+        **summarize(task, tracker.metrics),
+        "task": task,
+        "progress": tracker.progress(),
+        "metrics": tracker.metrics,
+        "artifacts": [a.as_json() for a in artifacts],
+        "run_dir": str(save_dir),
+    }
+    return Completed(results=results, trained_model_url=best.url if best else None)
+
+
+ARTIFACT_FILES = ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml")
+PLOT_SUFFIXES = (".png", ".jpg")
+
+
+def artifact_key(run_id: str, relative: str) -> str:
+    return f"training_runs/{run_id}/{relative}"
+
+
+def checkpoint_key(run_id: str) -> str:
+    return artifact_key(run_id, "checkpoints/last.pt")
+
+
+async def upload_artifacts(blobs: BlobStore, run_id: str, save_dir: Path) -> list[Artifact]:
+    """Weights, results.csv, args.yaml and plots, concurrently, each retried on transient errors."""
+    files = [save_dir / rel for rel in ARTIFACT_FILES if (save_dir / rel).is_file()]
+    files += sorted(p for p in save_dir.glob("*") if p.suffix in PLOT_SUFFIXES and p.is_file())
+
+    async def one(path: Path) -> Artifact:
+        rel = path.relative_to(save_dir).as_posix()
+        key = artifact_key(run_id, rel)
+        ctype = content_type(path)
+        url = await transient(f"upload {rel}", lambda: blobs.upload(key, path, ctype), within=300.0)
+        return Artifact(name=path.name, path=key, url=url)
+
+    return list(await asyncio.gather(*(one(p) for p in files)))
+
+
+def content_type(path: Path) -> str:
+    if path.suffix in (".pt", ".pth"):
+        return "application/octet-stream"
+    if path.suffix in (".yaml", ".yml"):
+        return "application/x-yaml"
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+class _CheckpointUploader:
+    """Uploads last.pt at most every checkpoint_interval, in the background, for rescue and resume."""
+
+    def __init__(self, deps: Deps, lease: Lease, log: Any) -> None:
+        self._deps, self._lease, self._log = deps, lease, log
+        self._last = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def maybe_upload(self, path: Path) -> None:
+        due = time.monotonic() - self._last >= self._deps.settings.checkpoint_interval
+        if not due or (self._task is not None and not self._task.done()) or not path.is_file():
+            return
+        self._last = time.monotonic()
+        self._task = asyncio.create_task(self._upload(path), name=f"checkpoint-{self._lease.run_id}")
+
+    async def _upload(self, path: Path) -> None:
+        # Copy first: the trainer rewrites last.pt at every epoch end.
+        snapshot = path.with_name("last.upload.pt")
+        try:
+            await asyncio.to_thread(snapshot.write_bytes, path.read_bytes())
+            key = checkpoint_key(self._lease.run_id)
+            await transient("checkpoint upload", lambda: self._deps.blobs.upload(key, snapshot, content_type(path)))
+            self._log.bind(key=key).info("checkpoint uploaded")
+        except (AgentError, OSError) as exc:
+            self._log.warning("checkpoint upload failed: {}", exc)
+
+    async def drain(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def _heartbeat(
+    deps: Deps, control: RunControl, progress: tuple[ProgressTracker, asyncio.Event] | None
+) -> None:
+    """Fenced writes that keep the lease alive, carry progress, and notice lost leases or cancels.
+
+    With a tracker: write at most every progress_interval while progress moves, at once on an
+    epoch end, and at least every heartbeat_interval.
+    """
+    settings = deps.settings
+    lease = control.lease
+    log = logger.bind(run_id=lease.run_id, worker=lease.worker_id, attempt=lease.attempt)
+    last_write = time.monotonic()
+    while True:
+        tracker, wake = progress if progress else (None, None)
+        if wake is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=settings.progress_interval)
+            wake.clear()
+            idle = time.monotonic() - last_write
+            if tracker is not None and not tracker.dirty and idle < settings.heartbeat_interval:
+                continue
+            if tracker is not None and not tracker.urgent and idle < settings.progress_interval:
+                continue
+        else:
+            await asyncio.sleep(settings.heartbeat_interval)
+        patch = None
+        if tracker is not None and tracker.dirty:
+            patch = tracker.results_patch()
+            tracker.dirty = tracker.urgent = False
+        try:
+            pulse = await deps.store.touch(lease, patch)
+        except (BackendError, BackendUnavailable) as exc:
+            # Missing one write is harmless; the next interval tries again, the final write retries.
+            log.warning("progress write failed: {}", exc)
+            if tracker is not None and patch is not None:
+                tracker.dirty = True
+            continue
+        last_write = time.monotonic()
+        if pulse is None:
+            control.interrupt("lost")
+            return
+        if pulse.cancel_requested:
+            # Normally the cancel event arrives first; this covers an event that was lost.
+            control.interrupt("cancel")
+
+
+async def _until_interrupted(control: RunControl, work: Awaitable[T]) -> T:
+    """Await `work` unless the run is interrupted first (cancel during a long dataset download)."""
+    task = asyncio.ensure_future(work)
+    interrupt = asyncio.ensure_future(control.wait_interrupt())
+    try:
+        await asyncio.wait({task, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupt.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    why = control.interrupted()
+    assert why is not None
+    raise _Interrupted(why)
+
+
+def _crash_message(exit_: ChildExit, tracker: ProgressTracker) -> str:
+    reason = tracker.error or f"Training process exited with code {exit_.returncode}"
+    tail = [line for line in exit_.tail if line.strip()][-8:]
+    message = reason if not tail else f"{reason}\n" + "\n".join(tail)
+    return message[-4000:]
+
+
+async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None:
+    """The final write: retried until it lands, and shielded from the agent's own cancellation."""
+    task = asyncio.ensure_future(until_it_lands("final write", lambda: deps.store.finish(lease, outcome)))
+    _final_writes.add(task)
+    task.add_done_callback(_final_writes.discard)
+    landed = await asyncio.shield(task)
+    status = type(outcome).__name__.lower()
+    if not landed:
+        log.bind(outcome=status).warning("final write matched no row: the lease was lost")
+    elif isinstance(outcome, Failed):
+        log.bind(outcome=status).warning("run failed: {}", outcome.error_message.splitlines()[0])
+    else:
+        log.bind(outcome=status).info("run finished")
+
+
+_final_writes: set[asyncio.Future[bool]] = set()
+
+
+async def drain_final_writes(timeout: float | None = None) -> None:
+    """Let final writes still in flight land before the store closes."""
+    if _final_writes:
+        await asyncio.wait(set(_final_writes), timeout=timeout)

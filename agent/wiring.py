@@ -1,0 +1,170 @@
+"""The one place that picks backends from the settings and assembles the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from agent import __version__
+from agent.config import Settings
+from agent.core.agent import Agent, LoopSettings
+from agent.core.pipeline import Deps, PipelineSettings
+from agent.domain.request import Task, TrainingRequest
+from agent.domain.run import WorkerInfo
+from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
+
+# Where pretrained weights come from; unreachable means the host trains offline.
+_ONLINE_PROBE = ("github.com", 443)
+
+
+@dataclass
+class Backends:
+    store: RunStore
+    admin: RunAdmin
+    events: RunEvents
+    blobs: BlobStore
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    database_url: str | None = None
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def embedded_database_url(settings: Settings) -> str:
+    from agent.backends.postgres.embedded import start_embedded
+
+    server = start_embedded(settings.embedded_pgdata)
+    return server.url("postgres")
+
+
+async def _postgres(settings: Settings, url: str, *, migrate_schema: bool) -> Backends:
+    from agent.backends.local.blobs import LocalBlobs
+    from agent.backends.postgres.events import PostgresEvents
+    from agent.backends.postgres.migrate import migrate
+    from agent.backends.postgres.store import PostgresStore
+
+    if migrate_schema:
+        await migrate(url)
+    store = await PostgresStore.connect(url)
+    events = PostgresEvents(url)
+    return Backends(store, store, events, LocalBlobs(settings.artifacts_root), [store.close], database_url=url)
+
+
+async def _supabase(settings: Settings) -> Backends:
+    from agent.backends.supabase import open_supabase
+
+    return await open_supabase(settings)
+
+
+@contextlib.asynccontextmanager
+async def open_backends(settings: Settings, *, migrate_schema: bool = True) -> AsyncIterator[Backends]:
+    backend = settings.backend
+    if backend == "supabase":
+        backends = await _supabase(settings)
+    elif backend == "postgres":
+        assert settings.database_url is not None
+        backends = await _postgres(settings, settings.database_url, migrate_schema=migrate_schema)
+    else:
+        url = await asyncio.to_thread(embedded_database_url, settings)
+        logger.bind(pgdata=str(settings.embedded_pgdata)).info("using the embedded Postgres")
+        backends = await _postgres(settings, url, migrate_schema=True)
+    try:
+        yield backends
+    finally:
+        await backends.close()
+
+
+async def detect_offline(settings: Settings) -> bool:
+    if settings.offline is not None:
+        return settings.offline
+
+    def probe() -> bool:
+        try:
+            socket.create_connection(_ONLINE_PROBE, timeout=1.5).close()
+            return False
+        except OSError:
+            return True
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(probe), timeout=2.5)
+    except TimeoutError:
+        return True
+
+
+def detect_gpus() -> tuple[str, ...]:
+    """GPU names from nvidia-smi, without importing torch into the parent."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
+
+
+def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Agent:
+    from agent.datasets import DatasetPreparer
+    from agent.training.supervisor import ChildTrainer
+    from agent.training.weights import resolve_model
+
+    sources = dict(getattr(backends, "dataset_sources", {}) or {})
+    datasets = DatasetPreparer(
+        dataset_root=settings.dataset_root,
+        cache_root=settings.cache_root,
+        concurrency=settings.download_concurrency,
+        sources=sources or None,
+    )
+    trainer = ChildTrainer(stop_grace=settings.stop_grace, kill_grace=settings.kill_grace, offline=offline)
+
+    def resolver(request: TrainingRequest, task: Task) -> str:
+        return resolve_model(request, task, settings.weights_dir, offline)
+
+    deps = Deps(
+        store=backends.store,
+        blobs=backends.blobs,
+        datasets=datasets,
+        trainer=trainer,
+        resolve_model=resolver,
+        settings=PipelineSettings(
+            runs_root=settings.runs_root,
+            progress_interval=settings.progress_interval,
+            heartbeat_interval=settings.heartbeat_interval,
+            checkpoint_interval=settings.checkpoint_interval,
+        ),
+    )
+    worker = WorkerInfo(
+        worker_id=settings.worker_id,
+        host=socket.gethostname(),
+        version=__version__,
+        gpus=detect_gpus(),
+        slots=settings.max_concurrent_runs,
+    )
+    loop = LoopSettings(
+        worker=worker,
+        max_concurrent_runs=settings.max_concurrent_runs,
+        poll_interval=settings.poll_interval,
+        degraded_poll_interval=settings.degraded_poll_interval,
+        heartbeat_interval=settings.heartbeat_interval,
+        stale_after=settings.stale_after,
+        max_attempts=settings.max_attempts,
+        shutdown_mode=settings.shutdown_mode,
+    )
+    return Agent(deps, backends.events, loop)
+
+
+def ensure_dirs(settings: Settings) -> None:
+    for path in (settings.data_dir, settings.runs_root, settings.cache_root, settings.artifacts_root):
+        Path(path).mkdir(parents=True, exist_ok=True)
