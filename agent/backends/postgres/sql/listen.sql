@@ -1,0 +1,1 @@
+listen saturnos_training_runs

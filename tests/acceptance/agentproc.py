@@ -1,0 +1,135 @@
+"""The agent as an operator runs it: `python -m agent run` in its own OS process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests.util import wait_for_sync
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base_env(database_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
+    env.update(
+        DATABASE_URL=database_url,
+        DATA_DIR=str(data_dir),
+        OFFLINE="1",
+        LOG_JSON="1",
+        LOG_LEVEL="DEBUG",
+        POLL_INTERVAL="30",
+        HEARTBEAT_INTERVAL="1",
+        PROGRESS_INTERVAL="0.5",
+        STALE_AFTER="10",
+        STOP_GRACE="2",
+        KILL_GRACE="2",
+        PYTHONPATH=str(REPO),
+    )
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class AgentProc:
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> AgentProc:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run"],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and "record" in data:
+                rec = data["record"]
+                out.append({"message": rec["message"], "level": rec["level"]["name"], **rec["extra"]})
+            elif isinstance(data, dict):
+                out.append(data)
+        return out
+
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("message") == message]
+
+    def wait_logged(self, message: str, timeout: float = 20.0, count: int = 1) -> list[dict[str, Any]]:
+        return wait_for_sync(
+            lambda: (found := self.logged(message)) and len(found) >= count and found,
+            timeout=timeout,
+            what=f"log {message!r} x{count} in {self.log_path}",
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> AgentProc:
+        self.wait_logged("event stream subscribed: catch-up poll", timeout=timeout)
+        return self
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def fetch_run(database_url: str, run_id: str) -> dict[str, Any]:
+    with psycopg.connect(database_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute("select * from training_runs where id = %s", (run_id,)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def insert_run(database_url: str, configuration: Any = None, data_yaml: str | None = "fake.yaml", **cols: Any) -> str:
+    config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 0.05} if configuration is None else configuration
+    payload = json.dumps(config) if not isinstance(config, str) else json.dumps(config)
+    with psycopg.connect(database_url) as conn:
+        names = ["data_yaml", "configuration", *cols]
+        values = [data_yaml, payload, *cols.values()]
+        placeholders = ", ".join(["%s"] * len(values))
+        row = conn.execute(
+            f"insert into training_runs ({', '.join(names)}) values ({placeholders}) returning id",
+            values,
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wait_status(database_url: str, run_id: str, *statuses: str, timeout: float = 30.0) -> dict[str, Any]:
+    return wait_for_sync(
+        lambda: (row := fetch_run(database_url, run_id))["status"] in statuses and row,
+        timeout=timeout,
+        what=f"run {run_id} in {statuses}",
+    )
+
+
+def now() -> float:
+    return time.monotonic()
