@@ -238,8 +238,7 @@ def test_listen_connection_killed_while_runs_arrive_loses_nothing(
             with psycopg.connect(database_url) as conn:
                 killed = conn.execute(
                     "select pg_terminate_backend(pid) from pg_stat_activity "
-                    "where datname = current_database() and query ilike '%listen%'"
-                    " and pid <> pg_backend_pid()"
+                    "where datname = current_database() and application_name = 'saturnos-agent listen'"
                 ).fetchall()
             assert killed, "no LISTEN connection found"
     for run_id in ids:
