@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,7 +114,12 @@ class Agent:
 
     async def _poller(self) -> None:
         """The truth behind the hints: claimable and cancel-requested runs, on a slow timer."""
+        last_poll = float("-inf")
         while True:
+            # Wake at least every degraded interval so that a stream going down shortens the wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.degraded_poll_interval):
+                    await self._poll_now.wait()
             healthy = self.events.healthy
             if not healthy and not self._degraded_logged:
                 self._log.bind(interval=self.settings.degraded_poll_interval).warning(
@@ -121,20 +127,24 @@ class Agent:
                 )
                 self._degraded_logged = True
             interval = self.settings.poll_interval if healthy else self.settings.degraded_poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), timeout=interval)
-            self._poll_now.clear()
-            limit = max(8, 4 * max(1, self.free_slots))
-            try:
-                found = await transient("poll", lambda: self.deps.store.poll(limit), within=10.0)
-            except (BackendUnavailable, BackendError) as exc:
-                self._log.warning("poll failed: {}", exc)
+            if not self._poll_now.is_set() and time.monotonic() - last_poll < interval:
                 continue
-            for run_id in found.cancel_unclaimed:
-                self._hear(Hint(run_id, "POLL", claimable=False, cancel_requested=True))
-            if self.free_slots > 0:
-                for run_id in found.claimable:
-                    self._hear(Hint(run_id, "POLL", claimable=True))
+            self._poll_now.clear()
+            last_poll = time.monotonic()
+            await self._poll_once()
+
+    async def _poll_once(self) -> None:
+        limit = max(8, 4 * max(1, self.free_slots))
+        try:
+            found = await transient("poll", lambda: self.deps.store.poll(limit), within=10.0)
+        except (BackendUnavailable, BackendError) as exc:
+            self._log.warning("poll failed: {}", exc)
+            return
+        for run_id in found.cancel_unclaimed:
+            self._hear(Hint(run_id, "POLL", claimable=False, cancel_requested=True))
+        if self.free_slots > 0:
+            for run_id in found.claimable:
+                self._hear(Hint(run_id, "POLL", claimable=True))
 
     async def _dispatcher(self) -> None:
         while True:

@@ -356,8 +356,10 @@ async def _heartbeat(
     while True:
         tracker, wake = progress if progress else (None, None)
         if wake is not None:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=settings.progress_interval)
+                async with asyncio.timeout(settings.progress_interval):
+                    await wake.wait()
             wake.clear()
             idle = time.monotonic() - last_write
             if tracker is not None and not tracker.dirty and idle < settings.heartbeat_interval:

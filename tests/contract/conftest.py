@@ -1,7 +1,7 @@
 """Backends under contract: one factory per backend; every contract test runs against each.
 
-A new backend joins the suite by adding one factory to STORES (and EVENTS_LIVE if it has a
-hint stream) that yields a Harness.
+A new backend joins the suite with one Factory in STORES (a Harness: store, events, direct row
+access) or BLOBS.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -25,6 +25,8 @@ from agent.backends.postgres.store import PostgresStore
 from agent.domain.run import Hint
 from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
 from tests.util import wait_for
+
+T = TypeVar("T")
 
 
 class Store(RunStore, RunAdmin, Protocol):
@@ -140,14 +142,22 @@ class PostgresHarness:
             await store.close()
 
 
+@dataclass(frozen=True)
+class Factory(Generic[T]):
+    """How to open one backend: the (sync) fixtures it needs, and an async context that yields it."""
+
+    open: Callable[[dict[str, Any]], AbstractAsyncContextManager[T]]
+    fixtures: tuple[str, ...] = ()
+
+
 @asynccontextmanager
-async def memory_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+async def memory_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
     yield MemoryHarness()
 
 
 @asynccontextmanager
-async def postgres_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    url: str = request.getfixturevalue("database_url")
+async def postgres_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
+    url: str = fixtures["database_url"]
     harness = PostgresHarness(url, await PostgresStore.connect(url))
     try:
         yield harness
@@ -155,28 +165,46 @@ async def postgres_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harn
         await harness.close()
 
 
-HarnessFactory = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[Harness]]
-STORES: dict[str, HarnessFactory] = {"memory": memory_harness, "postgres": postgres_harness}
-
-
-@pytest.fixture(params=list(STORES))
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    async with STORES[request.param](request) as harness:
-        yield harness
+STORES: dict[str, Factory[Harness]] = {
+    "memory": Factory(memory_harness),
+    "postgres": Factory(postgres_harness, ("database_url",)),
+}
 
 
 @asynccontextmanager
-async def memory_blobs(request: pytest.FixtureRequest) -> AsyncIterator[BlobStore]:
+async def memory_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
     yield MemoryBlobs()
 
 
-BlobFactory = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[BlobStore]]
-BLOBS: dict[str, BlobFactory] = {"memory": memory_blobs}
+BLOBS: dict[str, Factory[BlobStore]] = {"memory": Factory(memory_blobs)}
+
+
+def _resolve(request: pytest.FixtureRequest, factory: Factory[Any]) -> dict[str, Any]:
+    # Sync fixtures (the test Postgres) are set up here, outside the event loop.
+    return {name: request.getfixturevalue(name) for name in factory.fixtures}
+
+
+@pytest.fixture(params=list(STORES))
+def _store_fixtures(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, _resolve(request, STORES[request.param])
+
+
+@pytest.fixture
+async def backend(_store_fixtures: tuple[str, dict[str, Any]]) -> AsyncIterator[Harness]:
+    name, fixtures = _store_fixtures
+    async with STORES[name].open(fixtures) as harness:
+        yield harness
 
 
 @pytest.fixture(params=list(BLOBS))
-async def blobs(request: pytest.FixtureRequest) -> AsyncIterator[BlobStore]:
-    async with BLOBS[request.param](request) as store:
+def _blob_fixtures(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, _resolve(request, BLOBS[request.param])
+
+
+@pytest.fixture
+async def blobs(_blob_fixtures: tuple[str, dict[str, Any]]) -> AsyncIterator[BlobStore]:
+    name, fixtures = _blob_fixtures
+    async with BLOBS[name].open(fixtures) as store:
         yield store
 
 

@@ -225,6 +225,10 @@ class PostgresStore:
             await cur.execute(query(name), params)
             return await cur.fetchone()
 
+    async def _execute(self, name: str, params: Mapping[str, Any]) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(query(name), params)
+
     async def _all(self, name: str, params: Mapping[str, Any]) -> list[DictRow]:
         async with self._cursor() as cur:
             await cur.execute(query(name), params)
@@ -321,7 +325,7 @@ class PostgresStore:
         return report
 
     async def register_worker(self, worker: WorkerInfo, state: WorkerState) -> None:
-        await self._one(
+        await self._execute(
             "register_worker",
             {
                 "worker_id": worker.worker_id,

@@ -1,0 +1,232 @@
+"""HTTP(S) datasets: files fetched with httpx, folders listed from directory index pages.
+
+Understands the HTML indexes of `python -m http.server`, nginx `autoindex` (HTML or JSON) and Apache,
+by collecting the links that lead strictly below the folder being listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import IO
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+import httpx
+
+from agent.datasets.refs import HttpRef, StorageRef
+from agent.datasets.remote import ListingUnavailable, RemoteError, RemoteFile, RemoteNotFound, RemoteTransient
+
+USER_AGENT = "saturnos-agent"
+_MAX_DEPTH = 32
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class ListingEntry:
+    name: str
+    is_dir: bool
+    size: int | None = None
+
+
+class HttpSource:
+    """A dataset folder on an HTTP(S) server; paths are relative to the YAML's folder URL."""
+
+    def __init__(self, ref: HttpRef, client: httpx.AsyncClient) -> None:
+        self._ref = ref
+        self._root = ref.folder_url
+        self._client = client
+
+    @classmethod
+    def create(cls, ref: HttpRef | StorageRef, *, concurrency: int = 16, timeout: float = 60.0) -> HttpSource:
+        """The default factory for `http` references."""
+        if not isinstance(ref, HttpRef):
+            raise TypeError("HttpSource serves http(s) references only")
+        client = httpx.AsyncClient(
+            follow_redirects=True,
+            headers={"User-Agent": USER_AGENT},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            # Requests queue for a pooled connection, so only the network phases have deadlines.
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0), pool=None),
+        )
+        return cls(ref, client)
+
+    @property
+    def cache_key(self) -> str:
+        return self._ref.cache_key
+
+    def url(self, path: str) -> str:
+        if path == self._ref.yaml_name:
+            # The YAML itself keeps its query string: a signed URL's token is valid for it alone.
+            return self._ref.url
+        return self._root + quote(path, safe="/")
+
+    def describe(self, path: str) -> str:
+        return self._root + quote(path, safe="/")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, path: str, dest: Path) -> int:
+        url = self.url(path)
+        try:
+            async with self._client.stream("GET", url) as response:
+                _raise_for_status(response, self.describe(path))
+                expected = _content_length(response)
+                written = await _write_body(response, dest)
+                received = response.num_bytes_downloaded
+        except httpx.TransportError as exc:
+            raise RemoteTransient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+        if expected is not None and received != expected:
+            raise RemoteTransient(f"size mismatch: announced {expected} bytes, received {received}")
+        return written
+
+    async def list_files(self, prefix: str) -> list[RemoteFile]:
+        found: list[RemoteFile] = []
+        seen: set[str] = set()
+
+        async def walk(folder: str, depth: int) -> None:
+            if folder in seen or depth > _MAX_DEPTH:
+                return
+            seen.add(folder)
+            entries = await self._list_one(folder, top=depth == 0)
+            subfolders: list[str] = []
+            for entry in entries:
+                rel = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir:
+                    subfolders.append(rel)
+                else:
+                    found.append(RemoteFile(rel, entry.size))
+            await asyncio.gather(*(walk(sub, depth + 1) for sub in subfolders))
+
+        await walk(prefix.strip("/"), 0)
+        return sorted(found, key=lambda f: f.path)
+
+    async def _list_one(self, folder: str, *, top: bool) -> list[ListingEntry]:
+        url = self._root + (quote(folder, safe="/") + "/" if folder else "")
+        try:
+            response = await self._client.get(url)
+        except httpx.TransportError as exc:
+            raise RemoteTransient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+        if response.status_code in (404, 410):
+            return []
+        if response.status_code in (401, 403, 405):
+            raise ListingUnavailable(f"HTTP {response.status_code}: the server does not list {url}")
+        _raise_for_status(response, url)
+        content_type = response.headers.get("content-type", "text/html")
+        if "json" in content_type:
+            return parse_json_listing(response.text)
+        if "html" not in content_type:
+            if top:
+                raise ListingUnavailable(f"{url} is not a directory listing ({content_type})")
+            return []
+        return parse_html_listing(response.text, str(response.url))
+
+
+def parse_html_listing(html: str, folder_url: str) -> list[ListingEntry]:
+    """Entries of an index page: links that lead one level below `folder_url` (parents, sorting links skipped)."""
+    base = urlsplit(folder_url)
+    base_path = base.path if base.path.endswith("/") else base.path + "/"
+    collector = _Links()
+    collector.feed(html)
+    entries: dict[str, ListingEntry] = {}
+    for href in collector.hrefs:
+        if "?" in href or "#" in href or href.startswith(("mailto:", "javascript:")):
+            continue
+        target = urlsplit(urljoin(base._replace(path=base_path).geturl(), href))
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or not target.path.startswith(base_path):
+            continue
+        rest = target.path[len(base_path) :]
+        is_dir = rest.endswith("/")
+        rest = rest.rstrip("/")
+        if not rest or "/" in rest:
+            continue
+        name = unquote(rest)
+        if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            continue
+        entries.setdefault(name, ListingEntry(name, is_dir))
+    return list(entries.values())
+
+
+def parse_json_listing(text: str) -> list[ListingEntry]:
+    """nginx `autoindex_format json`: [{"name", "type": "file"|"directory", "size"}]."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RemoteError(f"directory listing is not valid JSON: {exc.msg}") from exc
+    if not isinstance(data, list):
+        raise RemoteError("directory listing JSON is not a list")
+    entries: list[ListingEntry] = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        name = item["name"]
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            continue
+        size = item.get("size")
+        entries.append(
+            ListingEntry(name, item.get("type") == "directory", size if isinstance(size, int) else None)
+        )
+    return entries
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            for key, value in attrs:
+                if key == "href" and value:
+                    self.hrefs.append(value.strip())
+
+
+def _raise_for_status(response: httpx.Response, where: str) -> None:
+    status = response.status_code
+    if status < 300:
+        return
+    if status in (404, 410):
+        raise RemoteNotFound(f"HTTP {status}: {where}")
+    if status >= 500 or status in _TRANSIENT_STATUS:
+        raise RemoteTransient(f"HTTP {status}: {where}", _retry_after(response))
+    raise RemoteError(f"HTTP {status}: {where}")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _write_body(response: httpx.Response, dest: Path) -> int:
+    handle: IO[bytes] = await asyncio.to_thread(dest.open, "wb")
+    written = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            await asyncio.to_thread(handle.write, chunk)
+            written += len(chunk)
+    finally:
+        await asyncio.to_thread(handle.close)
+    return written

@@ -1,0 +1,56 @@
+"""Path safety: every path named by a YAML, a list file, a listing or a manifest stays inside its folder."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from pathlib import Path
+
+from agent.domain.errors import DatasetError
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def join_rel(base: str, raw: str, what: str) -> str:
+    """`raw` joined to the relative folder `base`, normalized; DatasetError when it is absolute or climbs out."""
+    text = raw.strip()
+    if not text:
+        raise DatasetError(f"{what}: empty path")
+    if _CONTROL.search(text) or "\\" in text:
+        raise DatasetError(f"{what}: invalid characters in path {text!r}")
+    if text.startswith("/") or _DRIVE.match(text):
+        raise DatasetError(f"{what}: absolute path {text!r} is not allowed here; use a path relative to the dataset")
+    joined = posixpath.normpath(posixpath.join(base, text)) if base else posixpath.normpath(text)
+    if joined == ".." or joined.startswith("../"):
+        raise DatasetError(f"{what}: path {text!r} points outside the dataset folder")
+    return "" if joined == "." else joined
+
+
+def escapes(base: str, raw: str) -> bool:
+    """True when relative `raw` joined to `base` climbs out of it (lexically)."""
+    joined = posixpath.normpath(posixpath.join(base, raw)) if base else posixpath.normpath(raw)
+    return joined == ".." or joined.startswith("../")
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """Lexical containment of two absolute paths (no filesystem access)."""
+    p, r = os.path.normpath(path), os.path.normpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def real_within(path: Path, root: Path) -> bool:
+    """Containment after resolving symlinks on both sides."""
+    return is_within(Path(os.path.realpath(path)), Path(os.path.realpath(root)))
+
+
+def ensure_inside(dest: Path, top: Path, what: str) -> None:
+    """Refuse to write `dest` when it, or a symlink on its way, leads out of `top`."""
+    if not is_within(dest, top):
+        raise DatasetError(f"{what}: {dest} is outside {top}")
+    probe = dest
+    while not probe.exists() and not probe.is_symlink() and probe != top:
+        probe = probe.parent
+    if probe.is_symlink() or not real_within(probe, top):
+        raise DatasetError(f"{what}: {dest} leads outside {top} through a symbolic link")

@@ -1,0 +1,269 @@
+"""The agent loop and the one-run pipeline over the in-memory backends and a scripted trainer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
+from agent.core.agent import Agent, LoopSettings
+from agent.core.pipeline import Deps, PipelineSettings
+from agent.core.progress import ProgressTracker, hhmmss
+from agent.core.supervisor import Supervisor
+from agent.domain.errors import BackendUnavailable
+from agent.domain.messages import BatchProgress, Done, EpochEnd, Started, TrainerMessage
+from agent.domain.request import Task, TrainingRequest
+from agent.domain.run import WorkerInfo
+from agent.ports import ChildExit, PreparedDataset, TrainJob
+from tests.util import wait_for
+
+
+@dataclass
+class ScriptedProcess:
+    job: TrainJob
+    epoch_seconds: float
+    pid: int = 0
+    stop_reasons: list[str] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def messages(self) -> AsyncIterator[TrainerMessage]:
+        req = self.job.request
+        save = self.job.workspace / "train"
+        yield Started(total_epochs=req.epochs)
+        for epoch in range(1, req.epochs + 1):
+            for batch in range(1, 3):
+                if self._stop.is_set():
+                    return
+                # Stands in for the work of one batch.
+                with_timeout = asyncio.wait_for(self._stop.wait(), self.epoch_seconds / 2)
+                try:
+                    await with_timeout
+                    return
+                except TimeoutError:
+                    pass
+                yield BatchProgress(epoch, req.epochs, batch, 2, {"box_loss": 1.0 / epoch}, eta_seconds=1.0)
+            yield EpochEnd(epoch, req.epochs, {"metrics/mAP50(B)": 0.1 * epoch, "metrics/mAP50-95(B)": 0.05 * epoch})
+        (save / "weights").mkdir(parents=True, exist_ok=True)
+        for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
+            (save / name).write_bytes(b"x")
+        yield Done(save_dir=str(save))
+
+    async def stop(self, reason: str) -> ChildExit:
+        self.stop_reasons.append(reason)
+        self._stop.set()
+        return ChildExit(0, True, ())
+
+    async def wait(self) -> ChildExit:
+        return ChildExit(0, False, ())
+
+
+@dataclass
+class ScriptedTrainer:
+    epoch_seconds: float = 0.02
+    started: list[ScriptedProcess] = field(default_factory=list)
+
+    async def start(self, job: TrainJob) -> ScriptedProcess:
+        proc = ScriptedProcess(job, self.epoch_seconds, pid=1000 + len(self.started))
+        self.started.append(proc)
+        return proc
+
+
+class NoDatasets:
+    async def prepare(self, request: TrainingRequest, run_id: str, workspace: Path) -> PreparedDataset:
+        return PreparedDataset(workspace / "data.yaml", request.task or "detect", {})
+
+
+def resolve(request: TrainingRequest, task: Task) -> str:
+    return "model.yaml"
+
+
+@dataclass
+class Harness:
+    store: MemoryStore
+    events: MemoryEvents
+    blobs: MemoryBlobs
+    trainer: ScriptedTrainer
+    agent: Agent
+    task: asyncio.Task[str] | None = None
+
+    async def __aenter__(self) -> Harness:
+        self.task = asyncio.create_task(self.agent.run())
+        await wait_for(lambda: self.agent.ready.is_set(), what="agent ready")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.agent.stop("test over")
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 10)
+
+
+def harness(tmp_path: Path, epoch_seconds: float = 0.02, **loop: object) -> Harness:
+    store = MemoryStore()
+    events = MemoryEvents(store)
+    blobs = MemoryBlobs()
+    trainer = ScriptedTrainer(epoch_seconds)
+    deps = Deps(
+        store=store,
+        blobs=blobs,
+        datasets=NoDatasets(),
+        trainer=trainer,
+        resolve_model=resolve,
+        settings=PipelineSettings(runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2),
+    )
+    settings = LoopSettings(worker=WorkerInfo("w1", "host", "test"), **loop)  # type: ignore[arg-type]
+    return Harness(store, events, blobs, trainer, Agent(deps, events, settings))
+
+
+def run_config(epochs: int = 3) -> dict[str, object]:
+    return {"epochs": epochs, "pretrained": False, "task": "detect"}
+
+
+async def status_of(store: MemoryStore, run_id: str) -> str | None:
+    row = await store.get(run_id)
+    return row.status.value if row else None
+
+
+async def test_a_run_goes_from_insert_to_completed_with_the_row_contract(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config())
+        await wait_for(lambda: _done(h, run_id), what="completed")
+        row = await h.store.get(run_id)
+    assert row is not None and row.status.value == "completed"
+    assert row.results is not None
+    assert row.results["progress"]["percent"] == 100.0
+    assert row.results["mAP"] == pytest.approx(0.15)
+    assert {a["name"] for a in row.results["artifacts"]} == {"best.pt", "last.pt", "results.csv", "args.yaml"}
+    assert row.trained_model_url == h.blobs.url(f"training_runs/{run_id}/weights/best.pt")
+    assert row.attempt == 1 and row.worker_id == "w1"
+
+
+def _done(h: Harness, run_id: str) -> bool:
+    rec = h.store.runs[run_id]
+    return rec.status in ("completed", "failed", "canceled")
+
+
+async def test_progress_is_written_while_training(tmp_path: Path) -> None:
+    async with harness(tmp_path, epoch_seconds=0.3) as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=4))
+        seen: list[int] = []
+
+        def progressed() -> bool:
+            results = h.store.runs[run_id].results or {}
+            epoch = (results.get("progress") or {}).get("epoch")
+            if epoch is not None and (not seen or seen[-1] != epoch):
+                seen.append(epoch)
+            return _done(h, run_id)
+
+        await wait_for(progressed, timeout=10, interval=0.01)
+    assert len(seen) >= 3, f"progress writes seen: {seen}"
+    assert h.store.runs[run_id].results["metrics"]["metrics/mAP50(B)"] == pytest.approx(0.4)  # type: ignore[index]
+
+
+async def test_cancel_event_on_an_owned_run_stops_the_trainer_and_writes_canceled(tmp_path: Path) -> None:
+    async with harness(tmp_path, epoch_seconds=1.0) as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=50))
+        await wait_for(lambda: h.trainer.started, what="trainer started")
+        h.store.set_fields(run_id, cancel_requested=True)
+        await wait_for(lambda: _done(h, run_id), timeout=5)
+    rec = h.store.runs[run_id]
+    assert rec.status == "canceled" and rec.error_message == "Canceled by user."
+    assert rec.canceled_at is not None and rec.completed_at is not None
+    assert h.trainer.started[0].stop_reasons == ["cancel"]
+
+
+async def test_a_lost_cancel_event_is_caught_by_the_heartbeat(tmp_path: Path) -> None:
+    async with harness(tmp_path, epoch_seconds=1.0) as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=50))
+        await wait_for(lambda: h.trainer.started, what="trainer started")
+        h.events.disconnect()
+        h.store.set_fields(run_id, cancel_requested=True)
+        await wait_for(lambda: _done(h, run_id), timeout=5)
+    assert h.store.runs[run_id].status == "canceled"
+
+
+async def test_a_lost_lease_stops_the_trainer_without_a_final_write(tmp_path: Path) -> None:
+    async with harness(tmp_path, epoch_seconds=1.0) as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=50))
+        await wait_for(lambda: h.trainer.started, what="trainer started")
+        # Another agent rescued it meanwhile: same row, new owner and attempt.
+        h.store.set_fields(run_id, worker_id="other", attempt=7)
+        await wait_for(lambda: h.trainer.started[0].stop_reasons, timeout=5, what="stopped")
+        await wait_for(lambda: not h.agent.runs, what="run dropped")
+    rec = h.store.runs[run_id]
+    assert h.trainer.started[0].stop_reasons == ["lost"]
+    assert (rec.status, rec.worker_id, rec.completed_at) == ("running", "other", None)
+
+
+async def test_final_write_is_retried_until_it_lands(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        h.store.fail_next(BackendUnavailable("connection reset"), times=3, ops=["finish"])
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1))
+        await wait_for(lambda: _done(h, run_id), timeout=10)
+    assert h.store.runs[run_id].status == "completed"
+
+
+async def test_with_events_down_the_degraded_poll_picks_runs_up(tmp_path: Path) -> None:
+    async with harness(tmp_path, poll_interval=3600.0, degraded_poll_interval=0.1) as h:
+        h.events.disconnect()
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1))
+        await wait_for(lambda: _done(h, run_id), timeout=5)
+    assert h.store.runs[run_id].status == "completed"
+    assert h.events.dropped, "the insert event should have been lost"
+
+
+async def test_an_invalid_request_fails_the_run_and_the_next_one_runs(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        bad = h.store.insert_row(data_yaml="d.yaml", configuration={"epochs": "many"})
+        good = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1))
+        await wait_for(lambda: _done(h, bad) and _done(h, good), timeout=5)
+    assert h.store.runs[bad].status == "failed"
+    assert "epochs" in (h.store.runs[bad].error_message or "")
+    assert h.store.runs[good].status == "completed"
+
+
+async def test_concurrent_slots_run_several_runs_at_once(tmp_path: Path) -> None:
+    async with harness(tmp_path, epoch_seconds=0.2, max_concurrent_runs=3) as h:
+        ids = [h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=2)) for _ in range(5)]
+        await wait_for(lambda: len(h.agent.runs) == 3, timeout=5, what="three runs at once")
+        await wait_for(lambda: all(_done(h, i) for i in ids), timeout=10)
+    assert {h.store.runs[i].status for i in ids} == {"completed"}
+
+
+async def test_release_mode_puts_runs_back_on_shutdown(tmp_path: Path) -> None:
+    h = harness(tmp_path, epoch_seconds=1.0, shutdown_mode="release")
+    async with h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=50))
+        await wait_for(lambda: h.trainer.started, what="trainer started")
+    rec = h.store.runs[run_id]
+    assert (rec.status, rec.worker_id, rec.started_at) == ("queued", None, None)
+    assert h.store.workers["w1"].status == "offline"
+
+
+async def test_supervisor_restarts_a_crashed_task_and_gives_up_when_it_keeps_crashing() -> None:
+    fatal: list[str] = []
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        raise RuntimeError("boom")
+
+    sup = Supervisor(on_fatal=fatal.append, max_restarts=2, window=60)
+    sup.spawn("flaky", flaky)
+    await wait_for(lambda: fatal, timeout=5)
+    assert runs == 3 and "flaky" in fatal[0]
+    await sup.stop()
+
+
+def test_progress_tracker_percent_and_eta() -> None:
+    t = ProgressTracker(total_epochs=4)
+    t.update(BatchProgress(2, 4, 1, 2, {}, eta_seconds=3725))
+    assert t.percent == pytest.approx(37.5)
+    assert t.progress()["eta"] == "01:02:05"
+    t.update(EpochEnd(2, 4, {"metrics/mAP50(B)": 0.3}))
+    assert t.percent == 50.0 and t.urgent and t.metrics == {"metrics/mAP50(B)": 0.3}
+    assert hhmmss(None) is None and hhmmss(59.6) == "00:01:00"
