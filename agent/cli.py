@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--imgsz", dest="imgSize", type=int)
     submit.add_argument("--device")
     submit.add_argument("--trainer", choices=("ultralytics", "fake"))
-    submit.add_argument("--scratch", action="store_true", help="train from the model yaml (pretrained: false)")
+    submit.add_argument(
+        "--scratch", action="store_true", help="train from the model yaml (pretrained: false)"
+    )
     submit.add_argument("--config", default="{}", help="extra configuration as a JSON object")
     submit.add_argument("--watch", action="store_true", help="then watch it until it ends")
     submit.set_defaults(func=cmd_submit)
@@ -139,15 +141,20 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             config[key] = value
     if args.scratch:
         config["pretrained"] = False
-    data_yaml = args.data_yaml
-    if "://" not in data_yaml and not data_yaml.startswith("storage:") and Path(data_yaml).exists():
-        data_yaml = str(Path(data_yaml).resolve())
+    data_yaml = _absolute_if_local(args.data_yaml)
     async with open_backends(settings) as backends:
         run_id = await backends.admin.submit(NewRun(data_yaml, args.base_model, config))
         print(run_id, flush=True)
         if args.watch:
             return await watch(backends.admin, run_id)
     return 0
+
+
+def _absolute_if_local(data_yaml: str) -> str:
+    """A path that exists here is sent absolute, so an agent started elsewhere finds it."""
+    if "://" in data_yaml or data_yaml.startswith("storage:") or not Path(data_yaml).exists():
+        return data_yaml
+    return str(Path(data_yaml).resolve())
 
 
 async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
@@ -208,7 +215,9 @@ async def watch(admin: RunAdmin, run_id: str, interval: float = 0.5) -> int:
         if row.status.terminal:
             if tty:
                 print()
-            print(f"run {run_id} {row.status.value}" + (f": {row.error_message}" if row.error_message else ""))
+            print(
+                f"run {run_id} {row.status.value}" + (f": {row.error_message}" if row.error_message else "")
+            )
             return EXIT_BY_STATUS.get(row.status, 1)
         await asyncio.sleep(interval)
 
@@ -260,7 +269,10 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from agent.datasets.synthetic import make_dataset
 
     if settings.backend != "embedded":
-        print("saturnos-agent: the demo runs on the embedded default; unset SUPABASE_URL/DATABASE_URL", file=sys.stderr)
+        print(
+            "saturnos-agent: the demo runs on the embedded default; unset SUPABASE_URL/DATABASE_URL",
+            file=sys.stderr,
+        )
         return 2
     ensure_dirs(settings)
     root = settings.data_dir / "demo" / f"{args.task}-dataset"
@@ -282,7 +294,10 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             "plots": False,
         }
         run_id = await backends.admin.submit(NewRun(str(data_yaml), "YOLOv8n", config))
-        print(f"2/4 submitted run {run_id} (YOLOv8n from scratch, {args.epochs} epochs at {args.imgsz}px)", flush=True)
+        print(
+            f"2/4 submitted run {run_id} (YOLOv8n from scratch, {args.epochs} epochs at {args.imgsz}px)",
+            flush=True,
+        )
         print("3/4 training (live progress from the row):", flush=True)
         code = await watch(backends.admin, run_id)
         agent.stop("demo finished")

@@ -57,7 +57,9 @@ async def _postgres(settings: Settings, url: str, *, migrate_schema: bool) -> Ba
         await migrate(url)
     store = await PostgresStore.connect(url)
     events = PostgresEvents(url)
-    return Backends(store, store, events, LocalBlobs(settings.artifacts_root), [store.close], database_url=url)
+    return Backends(
+        store, store, events, LocalBlobs(settings.artifacts_root), [store.close], database_url=url
+    )
 
 
 async def _supabase(settings: Settings) -> Backends:

@@ -27,7 +27,9 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-def wait_for_sync(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+def wait_for_sync(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -217,7 +217,9 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             try:
-                report = await self.deps.store.rescue_stale(self.settings.stale_after, self.settings.max_attempts)
+                report = await self.deps.store.rescue_stale(
+                    self.settings.stale_after, self.settings.max_attempts
+                )
             except (BackendUnavailable, BackendError) as exc:
                 self._log.warning("rescue failed: {}", exc)
                 continue
@@ -235,6 +237,10 @@ class Agent:
     async def _register(self, status: WorkerStatus) -> None:
         state = WorkerState(status, tuple(self.runs))
         try:
-            await transient("worker registry", lambda: self.deps.store.register_worker(self.settings.worker, state), within=5.0)
+            await transient(
+                "worker registry",
+                lambda: self.deps.store.register_worker(self.settings.worker, state),
+                within=5.0,
+            )
         except (BackendUnavailable, BackendError) as exc:
             self._log.warning("worker registry update failed: {}", exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mimetypes
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -72,7 +73,11 @@ class RunControl:
 
     lease: Lease
     events: dict[Interrupt, asyncio.Event] = field(
-        default_factory=lambda: {"cancel": asyncio.Event(), "release": asyncio.Event(), "lost": asyncio.Event()}
+        default_factory=lambda: {
+            "cancel": asyncio.Event(),
+            "release": asyncio.Event(),
+            "lost": asyncio.Event(),
+        }
     )
     pid: int | None = None
     cancel_heard_at: float | None = None
@@ -140,11 +145,9 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
         await finalize(deps, lease, outcome, log)
 
 
-async def _prepare(
-    deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Any
-) -> TrainJob:
+async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Any) -> TrainJob:
     """Dataset into the workspace, weights located, previous attempt's checkpoint fetched."""
-    workspace.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(workspace.mkdir, parents=True, exist_ok=True)
     if request.trainer == "fake":
         return TrainJob(lease.run_id, lease.attempt, request, workspace, None, "fake")
     started = time.monotonic()
@@ -160,7 +163,9 @@ async def _prepare(
 async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Any) -> Path | None:
     dest = workspace / "resume" / "last.pt"
     try:
-        found = await transient("checkpoint download", lambda: deps.blobs.download(checkpoint_key(lease.run_id), dest))
+        found = await transient(
+            "checkpoint download", lambda: deps.blobs.download(checkpoint_key(lease.run_id), dest)
+        )
     except (BackendError, BackendUnavailable) as exc:
         log.warning("no checkpoint to resume from: {}", exc)
         return None
@@ -218,7 +223,9 @@ async def _stop_training(
         await _write_canceling(deps, lease, log)
     exit_ = await proc.stop(why)
     latency = None if control.cancel_heard_at is None else time.monotonic() - control.cancel_heard_at
-    log.bind(reason=why, returncode=exit_.returncode, stop_s=latency and round(latency, 3)).info("trainer stopped")
+    log.bind(reason=why, returncode=exit_.returncode, stop_s=latency and round(latency, 3)).info(
+        "trainer stopped"
+    )
     if why == "cancel":
         return Canceled()
     if why == "release":
@@ -287,8 +294,7 @@ def checkpoint_key(run_id: str) -> str:
 
 async def upload_artifacts(blobs: BlobStore, run_id: str, save_dir: Path) -> list[Artifact]:
     """Weights, results.csv, args.yaml and plots, concurrently, each retried on transient errors."""
-    files = [save_dir / rel for rel in ARTIFACT_FILES if (save_dir / rel).is_file()]
-    files += sorted(p for p in save_dir.glob("*") if p.suffix in PLOT_SUFFIXES and p.is_file())
+    files = await asyncio.to_thread(_artifact_files, save_dir)
 
     async def one(path: Path) -> Artifact:
         rel = path.relative_to(save_dir).as_posix()
@@ -298,6 +304,11 @@ async def upload_artifacts(blobs: BlobStore, run_id: str, save_dir: Path) -> lis
         return Artifact(name=path.name, path=key, url=url)
 
     return list(await asyncio.gather(*(one(p) for p in files)))
+
+
+def _artifact_files(save_dir: Path) -> list[Path]:
+    files = [save_dir / rel for rel in ARTIFACT_FILES if (save_dir / rel).is_file()]
+    return files + sorted(p for p in save_dir.glob("*") if p.suffix in PLOT_SUFFIXES and p.is_file())
 
 
 def content_type(path: Path) -> str:
@@ -327,9 +338,11 @@ class _CheckpointUploader:
         # Copy first: the trainer rewrites last.pt at every epoch end.
         snapshot = path.with_name("last.upload.pt")
         try:
-            await asyncio.to_thread(snapshot.write_bytes, path.read_bytes())
+            await asyncio.to_thread(shutil.copyfile, path, snapshot)
             key = checkpoint_key(self._lease.run_id)
-            await transient("checkpoint upload", lambda: self._deps.blobs.upload(key, snapshot, content_type(path)))
+            await transient(
+                "checkpoint upload", lambda: self._deps.blobs.upload(key, snapshot, content_type(path))
+            )
             self._log.bind(key=key).info("checkpoint uploaded")
         except (AgentError, OSError) as exc:
             self._log.warning("checkpoint upload failed: {}", exc)
@@ -432,7 +445,7 @@ async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None
 _final_writes: set[asyncio.Future[bool]] = set()
 
 
-async def drain_final_writes(timeout: float | None = None) -> None:
+async def drain_final_writes() -> None:
     """Let final writes still in flight land before the store closes."""
     if _final_writes:
-        await asyncio.wait(set(_final_writes), timeout=timeout)
+        await asyncio.wait(set(_final_writes))

@@ -12,7 +12,9 @@ from loguru import logger
 
 
 class Supervisor:
-    def __init__(self, on_fatal: Callable[[str], None], *, max_restarts: int = 5, window: float = 60.0) -> None:
+    def __init__(
+        self, on_fatal: Callable[[str], None], *, max_restarts: int = 5, window: float = 60.0
+    ) -> None:
         self._on_fatal = on_fatal
         self._max_restarts = max_restarts
         self._window = window

@@ -128,7 +128,7 @@ class HttpSource:
 
 
 def parse_html_listing(html: str, folder_url: str) -> list[ListingEntry]:
-    """Entries of an index page: links that lead one level below `folder_url` (parents, sorting links skipped)."""
+    """Entries of an index page: links one level below `folder_url` (parent and sorting links skipped)."""
     base = urlsplit(folder_url)
     base_path = base.path if base.path.endswith("/") else base.path + "/"
     collector = _Links()
@@ -138,7 +138,9 @@ def parse_html_listing(html: str, folder_url: str) -> list[ListingEntry]:
         if "?" in href or "#" in href or href.startswith(("mailto:", "javascript:")):
             continue
         target = urlsplit(urljoin(base._replace(path=base_path).geturl(), href))
-        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or not target.path.startswith(base_path):
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or not target.path.startswith(
+            base_path
+        ):
             continue
         rest = target.path[len(base_path) :]
         is_dir = rest.endswith("/")

@@ -1,4 +1,4 @@
-"""YOLO label lines: validated, clipped and converted to the task's shape (box for detect, polygon for segment).
+"""YOLO label lines: validated, clipped and converted to the task's shape (detect: box, segment: polygon).
 
 A line is `class x_center y_center width height` (a box) or `class x1 y1 x2 y2 x3 y3 …` (a polygon, at
 least three points), every coordinate normalized to [0, 1]. Lines that cannot be trusted are dropped

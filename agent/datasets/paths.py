@@ -14,14 +14,16 @@ _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def join_rel(base: str, raw: str, what: str) -> str:
-    """`raw` joined to the relative folder `base`, normalized; DatasetError when it is absolute or climbs out."""
+    """`raw` joined to relative folder `base`, normalized; DatasetError when absolute or climbing out."""
     text = raw.strip()
     if not text:
         raise DatasetError(f"{what}: empty path")
     if _CONTROL.search(text) or "\\" in text:
         raise DatasetError(f"{what}: invalid characters in path {text!r}")
     if text.startswith("/") or _DRIVE.match(text):
-        raise DatasetError(f"{what}: absolute path {text!r} is not allowed here; use a path relative to the dataset")
+        raise DatasetError(
+            f"{what}: absolute path {text!r} is not allowed here; use a path relative to the dataset"
+        )
     joined = posixpath.normpath(posixpath.join(base, text)) if base else posixpath.normpath(text)
     if joined == ".." or joined.startswith("../"):
         raise DatasetError(f"{what}: path {text!r} points outside the dataset folder")

@@ -52,7 +52,11 @@ VOLATILE_QUERY_KEYS = frozenset(
     }
 )
 _STORAGE_PATH = re.compile(r"^(?P<prefix>.*?)/storage/v1/object/(?P<rest>.+)$")
-_STORAGE_KINDS: dict[str, StorageUrlKind] = {"public": "public", "sign": "sign", "authenticated": "authenticated"}
+_STORAGE_KINDS: dict[str, StorageUrlKind] = {
+    "public": "public",
+    "sign": "sign",
+    "authenticated": "authenticated",
+}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -100,7 +104,7 @@ class HttpRef:
 
 @dataclass(frozen=True, slots=True)
 class StorageRef:
-    """An object in Supabase Storage: `storage:bucket/path` or a Storage URL (public, signed, authenticated)."""
+    """An object in Supabase Storage: `storage:bucket/path`, or a public, signed or authenticated URL."""
 
     bucket: str
     path: str  # object path of the YAML inside the bucket, normalized, no leading slash
@@ -173,7 +177,11 @@ def normalize_url(url: str) -> str:
     port = parts.port
     netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
     path = quote(posixpath.normpath(unquote(parts.path or "/")), safe="/")
-    query = sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in VOLATILE_QUERY_KEYS)
+    query = sorted(
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k.lower() not in VOLATILE_QUERY_KEYS
+    )
     return urlunsplit((scheme, netloc, path, urlencode(query), ""))
 
 

@@ -17,7 +17,21 @@ SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "val")
 # Ultralytics' IMG_FORMATS.
 IMAGE_SUFFIXES = frozenset(
-    {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic", ".avif", ".jp2"}
+    {
+        ".bmp",
+        ".dng",
+        ".jpeg",
+        ".jpg",
+        ".mpo",
+        ".png",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".pfm",
+        ".heic",
+        ".avif",
+        ".jp2",
+    }
 )
 # Keys dropped from the workspace copy: `download` is code or a URL ultralytics runs when data is missing.
 DROPPED_KEYS = ("download", "minival")
@@ -72,9 +86,13 @@ def load_spec(text: str, where: str) -> DatasetSpec:
             continue
         entries = value if isinstance(value, list) else [value]
         if not all(isinstance(e, str) and e.strip() for e in entries):
-            raise DatasetError(f"dataset YAML key '{key}' must be a path or a list of paths, not {value!r}: {where}")
+            raise DatasetError(
+                f"dataset YAML key '{key}' must be a path or a list of paths, not {value!r}: {where}"
+            )
         splits[key] = [e.strip() for e in entries]
-    return DatasetSpec(doc=doc, path=path.strip() if path else None, splits=splits, nc=_class_count(doc, where))
+    return DatasetSpec(
+        doc=doc, path=path.strip() if path else None, splits=splits, nc=_class_count(doc, where)
+    )
 
 
 def is_image(path: str) -> bool:

@@ -115,10 +115,8 @@ def _shape(cls: int, box: tuple[float, float, float, float]) -> list[Point]:
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
     kind = _SHAPES[cls % len(_SHAPES)]
     if kind == "circle":
-        return [
-            (cx + r * math.cos(2 * math.pi * k / _CIRCLE_POINTS), cy + r * math.sin(2 * math.pi * k / _CIRCLE_POINTS))
-            for k in range(_CIRCLE_POINTS)
-        ]
+        steps = [2 * math.pi * k / _CIRCLE_POINTS for k in range(_CIRCLE_POINTS)]
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in steps]
     if kind == "square":
         return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
     if kind == "triangle":

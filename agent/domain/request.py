@@ -105,7 +105,9 @@ def parse_request(row: RunRow) -> TrainingRequest:
 
     data_yaml = _first(row.data_yaml, cfg.get("dataYaml"), cfg.get("data_yaml"))
     if data_yaml is None:
-        raise InvalidRequest("data_yaml", None, "is required (row column data_yaml or configuration.dataYaml)")
+        raise InvalidRequest(
+            "data_yaml", None, "is required (row column data_yaml or configuration.dataYaml)"
+        )
     if not isinstance(data_yaml, str) or not data_yaml.strip():
         raise InvalidRequest("data_yaml", data_yaml, "must be a non-empty string")
 
@@ -125,7 +127,8 @@ def parse_request(row: RunRow) -> TrainingRequest:
         raise InvalidRequest("batchSize", cfg.get("batchSize"), "must be >= 1, or -1 for auto")
     imgsz = _int(cfg, "imgSize", 640, low=MIN_IMGSZ, high=MAX_IMGSZ)
     if imgsz % 32:
-        notes.append(f"imgSize {imgsz} is not a multiple of 32; ultralytics rounds it up to {math.ceil(imgsz / 32) * 32}")
+        rounded = math.ceil(imgsz / 32) * 32
+        notes.append(f"imgSize {imgsz} is not a multiple of 32; ultralytics rounds it up to {rounded}")
     lr0 = _float(cfg, "learningRate", 0.001, low=0.0, high=1.0, low_open=True)
     optimizer = _optimizer(cfg.get("optimizer", "Adam"))
     device = _device(cfg.get("device", 0))
@@ -268,7 +271,11 @@ def _device(value: object) -> str | None:
         if value < 0:
             raise InvalidRequest("device", value, "must be >= 0")
         return str(value)
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
         return ",".join(str(v) for v in value)
     if isinstance(value, str) and _DEVICE.match(value.strip()):
         return value.strip().lower().replace(" ", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -93,10 +94,8 @@ class AgentProc:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=10)
         self._log.close()
 
@@ -108,9 +107,13 @@ def fetch_run(database_url: str, run_id: str) -> dict[str, Any]:
     return dict(row)
 
 
-def insert_run(database_url: str, configuration: Any = None, data_yaml: str | None = "fake.yaml", **cols: Any) -> str:
-    config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 0.05} if configuration is None else configuration
-    payload = json.dumps(config) if not isinstance(config, str) else json.dumps(config)
+def insert_run(
+    database_url: str, configuration: Any = None, data_yaml: str | None = "fake.yaml", **cols: Any
+) -> str:
+    config = (
+        {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 0.05} if configuration is None else configuration
+    )
+    payload = json.dumps(config)
     with psycopg.connect(database_url) as conn:
         names = ["data_yaml", "configuration", *cols]
         values = [data_yaml, payload, *cols.values()]

@@ -28,7 +28,9 @@ def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
         a.kill()
 
 
-def start_agent(agents: list[AgentProc], database_url: str, tmp_path: Path, name: str = "w1", **env: str) -> AgentProc:
+def start_agent(
+    agents: list[AgentProc], database_url: str, tmp_path: Path, name: str = "w1", **env: str
+) -> AgentProc:
     proc = AgentProc(
         base_env(database_url, tmp_path / name, WORKER_ID=name, **env), tmp_path / f"{name}.log"
     ).start()
@@ -64,9 +66,25 @@ def test_submit_from_cli_is_picked_up_at_once_and_completes(
     env = base_env(database_url, tmp_path / "cli")
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "submit", "fake.yaml", "--trainer", "fake", "--epochs", "3",
-         "--config", json.dumps({"fakeEpochSeconds": 0.1})],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "submit",
+            "fake.yaml",
+            "--trainer",
+            "fake",
+            "--epochs",
+            "3",
+            "--config",
+            json.dumps({"fakeEpochSeconds": 0.1}),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     run_id = out.stdout.strip().splitlines()[-1]
     wait_status(database_url, run_id, "running", "completed", timeout=5)
@@ -94,7 +112,11 @@ def test_submit_from_cli_is_picked_up_at_once_and_completes(
     )
     assert run_id in listed.stdout and "completed" in listed.stdout
     watched = subprocess.run(
-        [sys.executable, "-m", "agent", "watch", run_id], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "agent", "watch", run_id],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=30,
     )
     assert watched.returncode == 0 and "100.0%" in watched.stdout
@@ -122,7 +144,9 @@ def test_a_crashing_trainer_fails_the_run_with_its_last_error_lines(
     database_url: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
     start_agent(agents, database_url, tmp_path)
-    run_id = insert_run(database_url, {"trainer": "fake", "epochs": 5, "fakeCrashAtEpoch": 2, "fakeEpochSeconds": 0.05})
+    run_id = insert_run(
+        database_url, {"trainer": "fake", "epochs": 5, "fakeCrashAtEpoch": 2, "fakeEpochSeconds": 0.05}
+    )
     row = wait_status(database_url, run_id, "failed")
     assert "code 3" in row["error_message"]
     assert row["completed_at"] is not None
@@ -221,7 +245,9 @@ def test_with_events_off_the_poll_still_picks_every_run_up(
         conn.execute("alter table training_runs disable trigger saturnos_training_runs_notify_insert")
         conn.execute("alter table training_runs disable trigger saturnos_training_runs_notify_update")
     start_agent(agents, database_url, tmp_path, POLL_INTERVAL="1")
-    ids = [insert_run(database_url, {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.01}) for _ in range(4)]
+    ids = [
+        insert_run(database_url, {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.01}) for _ in range(4)
+    ]
     for run_id in ids:
         wait_status(database_url, run_id, "completed", timeout=20)
 
@@ -252,7 +278,8 @@ def test_a_run_of_a_dead_worker_is_rescued_and_finished(
     run_id = insert_run(database_url)
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "update training_runs set status='running', worker_id='dead', started_at=now() - interval '1 hour',"
+            "update training_runs set status='running', worker_id='dead',"
+            " started_at=now() - interval '1 hour',"
             " heartbeat_at = now() - interval '1 hour' where id = %s",
             (run_id,),
         )
@@ -270,15 +297,18 @@ def test_claim_race_eight_agents_two_hundred_runs_each_run_once(
             """
             create table claim_log (run_id uuid, worker_id text, attempt int, at timestamptz default now());
             create function log_claim() returns trigger language plpgsql as $$
-            begin insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
+            begin
+              insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
             return null; end $$;
             create trigger log_claim after update on training_runs for each row
               when (old.worker_id is null and new.worker_id is not null) execute function log_claim();
             """
         )
     procs = [
-        AgentProc(base_env(database_url, tmp_path / f"a{i}", WORKER_ID=f"a{i}", LOG_LEVEL="INFO"),
-                  tmp_path / f"a{i}.log").start()
+        AgentProc(
+            base_env(database_url, tmp_path / f"a{i}", WORKER_ID=f"a{i}", LOG_LEVEL="INFO"),
+            tmp_path / f"a{i}.log",
+        ).start()
         for i in range(8)
     ]
     agents.extend(procs)
@@ -287,7 +317,9 @@ def test_claim_race_eight_agents_two_hundred_runs_each_run_once(
     quick = json.dumps({"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.0, "fakeBatches": 1})
     with psycopg.connect(database_url) as conn:
         for _ in range(200):
-            conn.execute("insert into training_runs (data_yaml, configuration) values ('fake.yaml', %s)", (quick,))
+            conn.execute(
+                "insert into training_runs (data_yaml, configuration) values ('fake.yaml', %s)", (quick,)
+            )
 
     def finished() -> bool:
         with psycopg.connect(database_url) as conn:

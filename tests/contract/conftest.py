@@ -1,8 +1,7 @@
-"""Backends under contract: one factory per backend; every contract test runs against each.
+"""Backends under contract: every contract test runs against each factory in STORES or BLOBS."""
 
-A new backend joins the suite with one Factory in STORES (a Harness: store, events, direct row
-access) or BLOBS.
-"""
+# A new backend joins the suite with one Factory: in STORES (yielding a Harness: the store, its
+# events, and direct row access for odd set-ups) or in BLOBS.
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from agent.backends.local.blobs import LocalBlobs
 from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
 from agent.backends.postgres.events import PostgresEvents
 from agent.backends.postgres.store import PostgresStore
@@ -176,7 +176,15 @@ async def memory_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
     yield MemoryBlobs()
 
 
-BLOBS: dict[str, Factory[BlobStore]] = {"memory": Factory(memory_blobs)}
+@asynccontextmanager
+async def local_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
+    yield LocalBlobs(fixtures["tmp_path"] / "artifacts")
+
+
+BLOBS: dict[str, Factory[BlobStore]] = {
+    "memory": Factory(memory_blobs),
+    "local": Factory(local_blobs, ("tmp_path",)),
+}
 
 
 def _resolve(request: pytest.FixtureRequest, factory: Factory[Any]) -> dict[str, Any]:

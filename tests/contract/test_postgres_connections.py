@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -14,8 +16,11 @@ from agent.backends.postgres.store import PostgresStore
 from agent.domain.errors import BackendError, BackendUnavailable
 from agent.domain.run import NewRun
 from tests.contract.conftest import listening
-from tests.pg import TEMPLATE, TestPostgres
+from tests.pg import TEMPLATE
 from tests.util import wait_for
+
+if TYPE_CHECKING:
+    from tests.pg import TestPostgres
 
 NEW = NewRun("/data/a.yaml", "YOLOv8n", {"epochs": 1})
 
@@ -77,7 +82,7 @@ async def test_listen_survives_pg_terminate_backend(database_url: str, log_messa
 async def test_listen_waits_with_backoff_for_an_unreachable_database(
     pg_server: TestPostgres, log_messages: list[str]
 ) -> None:
-    name = "late_db_" + str(abs(hash(object())))[:8]
+    name = f"late_{uuid.uuid4().hex[:12]}"
     url = pg_server.url(name)
     events = fast_events(url)
     task = asyncio.create_task(events.listen(lambda h: None, lambda: None))

@@ -54,9 +54,7 @@ async def test_claim_returns_the_lease_and_the_running_row(backend: Harness) -> 
 async def test_exactly_one_of_many_concurrent_claimers_wins(backend: Harness) -> None:
     run_id = await submit(backend)
     stores = [backend.store, *[await backend.another_store() for _ in range(3)]]
-    results = await asyncio.gather(
-        *(stores[i % len(stores)].claim(run_id, f"w{i}") for i in range(20))
-    )
+    results = await asyncio.gather(*(stores[i % len(stores)].claim(run_id, f"w{i}") for i in range(20)))
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     row = await backend.store.get(run_id)

@@ -46,7 +46,9 @@ class ScriptedProcess:
                 except TimeoutError:
                     pass
                 yield BatchProgress(epoch, req.epochs, batch, 2, {"box_loss": 1.0 / epoch}, eta_seconds=1.0)
-            yield EpochEnd(epoch, req.epochs, {"metrics/mAP50(B)": 0.1 * epoch, "metrics/mAP50-95(B)": 0.05 * epoch})
+            yield EpochEnd(
+                epoch, req.epochs, {"metrics/mAP50(B)": 0.1 * epoch, "metrics/mAP50-95(B)": 0.05 * epoch}
+            )
         (save / "weights").mkdir(parents=True, exist_ok=True)
         for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
             (save / name).write_bytes(b"x")

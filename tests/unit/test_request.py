@@ -22,15 +22,22 @@ def row(configuration: Any = None, **cols: Any) -> RunRow:
 def test_defaults_are_the_old_scripts() -> None:
     req = parse_request(row())
     assert (req.base_model, req.epochs, req.batch, req.imgsz, req.lr0, req.optimizer, req.device) == (
-        "YOLOv8s", 100, 16, 640, 0.001, "Adam", "0",
+        "YOLOv8s",
+        100,
+        16,
+        640,
+        0.001,
+        "Adam",
+        "0",
     )
     assert req.task is None and req.pretrained and req.trainer == "ultralytics"
 
 
 def test_camel_case_keys_and_json_string_configuration() -> None:
     cfg = (
-        '{"dataYaml": "x.yaml", "modelTask": "segmentation", "epochs": "12", "batchSize": -1, "imgSize": 320,'
-        ' "learningRate": 0.01, "optimizer": "sgd", "device": "cpu", "augmentation": {"fliplr": 0.5, "mosaic": 0}}'
+        '{"dataYaml": "x.yaml", "modelTask": "segmentation", "epochs": "12", "batchSize": -1,'
+        ' "imgSize": 320, "learningRate": 0.01, "optimizer": "sgd", "device": "cpu",'
+        ' "augmentation": {"fliplr": 0.5, "mosaic": 0}}'
     )
     req = parse_request(row(cfg, data_yaml=None, base_model="yolov8n"))
     assert req.data_yaml == "x.yaml" and req.task == "segment" and req.epochs == 12 and req.batch == -1
@@ -84,8 +91,13 @@ def test_model_reference_by_task_and_pretrained() -> None:
 
 
 def test_summary_uses_mask_metrics_for_segment() -> None:
-    metrics = {"metrics/mAP50-95(B)": 0.4, "metrics/mAP50-95(M)": 0.3, "metrics/precision(M)": 0.9,
-               "metrics/recall(B)": 0.7, "metrics/mAP50(M)": 0.5}
+    metrics = {
+        "metrics/mAP50-95(B)": 0.4,
+        "metrics/mAP50-95(M)": 0.3,
+        "metrics/precision(M)": 0.9,
+        "metrics/recall(B)": 0.7,
+        "metrics/mAP50(M)": 0.5,
+    }
     seg = summarize("segment", metrics)
     assert (seg["mAP"], seg["precision"], seg["recall"], seg["mAP50"]) == (0.3, 0.9, 0.7, 0.5)
     assert summarize("detect", {"metrics/mAP50(B)": 0.6})["mAP"] == 0.6

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from agent.domain.errors import BackendUnavailable
+from agent.domain.errors import BackendError, BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,14 @@ class MemoryBlobs:
     def url(self, key: str) -> str:
         return f"{self.base_url}/{key.lstrip('/')}"
 
+    @staticmethod
+    def _check(key: str) -> str:
+        # Same rule as the real stores: a key never leaves the artifacts root.
+        parts = PurePosixPath(key).parts
+        if not parts or key.startswith("/") or ".." in parts:
+            raise BackendError(f"invalid artifact key: {key!r}")
+        return key
+
     def fail_next(
         self, error: Exception | None = None, times: int = 1, ops: Iterable[str] | None = None
     ) -> None:
@@ -41,12 +49,14 @@ class MemoryBlobs:
                 raise error
 
     async def upload(self, key: str, source: Path, content_type: str) -> str:
+        self._check(key)
         await self._io("upload")
         data = await asyncio.to_thread(source.read_bytes)
         self.objects[key] = StoredBlob(data, content_type)
         return self.url(key)
 
     async def download(self, key: str, dest: Path) -> bool:
+        self._check(key)
         await self._io("download")
         blob = self.objects.get(key)
         if blob is None:

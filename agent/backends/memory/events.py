@@ -13,11 +13,10 @@ from agent.ports import HintSink
 
 
 class MemoryEvents:
-    """Delivers hints asynchronously, like a real stream; hints emitted while down are lost.
+    """Delivers hints asynchronously, like a real stream; hints emitted while disconnected are lost."""
 
-    `disconnect()` and `reconnect()` simulate a dropped and re-established subscription;
-    `reconnect()` calls `on_subscribed` again so the core runs its catch-up poll.
-    """
+    # disconnect() and reconnect() simulate a dropped and re-established subscription; reconnect()
+    # calls on_subscribed again, so the core runs its catch-up poll as it would on a real stream.
 
     def __init__(self, store: MemoryStore | None = None) -> None:
         self._sink: HintSink | None = None

@@ -67,7 +67,7 @@ def _as_jsonb(value: Any) -> Any:
 
 @dataclass
 class Record:
-    """One mutable row; status is a plain string so tests can store statuses the agent does not know."""
+    """One mutable row; status is a plain string, so tests can store statuses the agent does not know."""
 
     id: str
     created_at: datetime
@@ -92,9 +92,7 @@ class Record:
         return is_claimable(self.status, self.started_at, self.worker_id, self.cancel_requested)
 
     def owned_by(self, lease: Lease) -> bool:
-        return (
-            self.worker_id == lease.worker_id and self.attempt == lease.attempt and self.status in _OWNED
-        )
+        return self.worker_id == lease.worker_id and self.attempt == lease.attempt and self.status in _OWNED
 
 
 @dataclass
@@ -150,12 +148,11 @@ def _merged(results: object, patch: Mapping[str, Any]) -> JsonDict:
 
 
 class MemoryStore:
-    """`training_runs` and `trainer_workers` in a dict; every operation is atomic.
+    """`training_runs` and `trainer_workers` in dicts, with hooks for tests; every call is atomic."""
 
-    Test hooks: `insert_row` and `set_fields` write rows directly (the attempt and notify rules
-    still apply), `fail_next` makes the next calls raise, `clock` decides what "now" is, and
-    `watch` subscribes to the change feed that MemoryEvents turns into hints.
-    """
+    # Hooks: insert_row and set_fields write rows directly (the attempt and notify rules still
+    # apply), fail_next makes the next calls raise, clock decides what "now" is, and watch feeds
+    # the changes that MemoryEvents turns into hints.
 
     def __init__(self, clock: Clock = _utcnow) -> None:
         self.clock = clock

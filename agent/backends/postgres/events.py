@@ -85,8 +85,8 @@ class PostgresEvents:
                     await self._serve(conn, sink, on_subscribed)
                 except _LOST as exc:
                     self._healthy = False
-                    logger.bind(channel=CHANNEL, subscriptions=self._subscriptions).warning(
-                        "listen connection lost: {}", exc
+                    logger.bind(channel=CHANNEL, subscriptions=self._subscriptions, error=str(exc)).warning(
+                        "listen connection lost"
                     )
                 finally:
                     self._healthy = False
@@ -128,7 +128,9 @@ class PostgresEvents:
     @staticmethod
     def _log_reconnect(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        logger.bind(channel=CHANNEL, attempt=state.attempt_number).warning("listen reconnect failed: {}", exc)
+        logger.bind(channel=CHANNEL, attempt=state.attempt_number, error=str(exc)).warning(
+            "listen reconnect failed"
+        )
 
     async def _serve(
         self, conn: psycopg.AsyncConnection[Any], sink: HintSink, on_subscribed: Callable[[], None]

@@ -17,10 +17,12 @@ def schema_sql() -> str:
 
 async def migrate(conninfo: str) -> None:
     try:
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=False) as conn:
-            async with conn.transaction():
-                await conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                await conn.execute(schema_sql().encode())
+        async with (
+            await psycopg.AsyncConnection.connect(conninfo, autocommit=False) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            await conn.execute(schema_sql().encode())
     except psycopg.OperationalError as exc:
         raise BackendUnavailable(f"cannot reach the database to migrate: {exc}") from exc
     except psycopg.Error as exc:

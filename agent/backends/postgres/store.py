@@ -1,14 +1,4 @@
-"""RunStore and RunAdmin over psycopg 3 async, one named .sql file per query.
-
-Connections: a few autocommit connections opened on demand, each used by one query at a time.
-A connection that breaks is dropped together with the idle ones (a server restart or a network
-cut usually takes them all), and the next call opens a fresh one: no retries in here, the core
-owns the retry policy.
-
-Rows with a status the agent does not know (written by a newer app, or by hand) are never
-claimable (the SQL predicates list the statuses); `get` returns None for them and `list_runs`
-skips them, each with a warning, so one odd row cannot stop the agent.
-"""
+"""RunStore and RunAdmin over psycopg 3 async, one named .sql file per query."""
 
 from __future__ import annotations
 
@@ -46,6 +36,10 @@ from agent.domain.run import (
 from agent.domain.status import RunStatus
 
 Conn = psycopg.AsyncConnection[DictRow]
+
+# Rows with a status the agent does not know (written by a newer app, or by hand) are never
+# claimable, since the SQL predicates list the statuses; `get` returns None for them and
+# `list_runs` skips them, each with a warning, so that one odd row cannot stop the agent.
 
 
 def json_safe(value: Any) -> Any:
@@ -104,7 +98,11 @@ def _fence(lease: Lease) -> dict[str, Any]:
 
 
 class _Connections:
-    """A handful of autocommit connections, each lent to one query at a time."""
+    """A handful of autocommit connections, opened on demand, each lent to one query at a time."""
+
+    # No retries in here, the core owns the retry policy: a call on a lost connection raises
+    # BackendUnavailable and the next call opens a fresh one. A broken connection takes the idle
+    # ones with it, since a server restart or a network cut usually kills them all.
 
     def __init__(self, conninfo: str, size: int, connect_timeout: float, application_name: str) -> None:
         self._conninfo = conninfo
@@ -305,11 +303,7 @@ class PostgresStore:
         return record is not None
 
     async def rescue_stale(self, stale_after_s: float, max_attempts: int) -> RescueReport:
-        """Requeue or end runs whose owner stopped heartbeating.
-
-        Stale runs with a cancel request end `canceled` and are reported in `failed` with the
-        runs that used up their attempts: both are taken out of play.
-        """
+        """Requeue stale runs, or end them (reported in `failed`, canceled ones included)."""
         params = {"stale_after": float(stale_after_s), "max_attempts": max_attempts}
         canceled = await self._all("rescue_cancel", {**params, "error_message": CANCELED_MESSAGE})
         failed = await self._all("rescue_fail", params)

@@ -47,6 +47,31 @@ alter table public.trainer_workers add column if not exists slots integer;
 alter table public.trainer_workers add column if not exists current_run text;
 alter table public.trainer_workers add column if not exists current_runs jsonb;
 
+-- A table that predates the agent may lack these defaults: a row inserted without a status must
+-- still be queued (claimable), as on a fresh install. Defaults that exist are left alone.
+do $$
+declare
+    d record;
+begin
+    for d in
+        select * from (values
+            ('training_runs', 'status', '''queued'''),
+            ('training_runs', 'cancel_requested', 'false'),
+            ('training_runs', 'created_at', 'now()'),
+            ('trainer_workers', 'status', '''online'''),
+            ('trainer_workers', 'last_seen', 'now()')
+        ) as v(table_name, column_name, expr)
+    loop
+        if exists (select 1 from information_schema.columns c
+                   where c.table_schema = 'public' and c.table_name = d.table_name
+                     and c.column_name = d.column_name and c.column_default is null) then
+            execute format('alter table public.%I alter column %I set default ' || d.expr,
+                           d.table_name, d.column_name);
+        end if;
+    end loop;
+end
+$$;
+
 -- Each claim (worker_id going from null to a value) increments attempt, in the database, so that
 -- a plain PostgREST PATCH and a SQL UPDATE fence the same way.
 create or replace function public.saturnos_training_runs_attempt() returns trigger

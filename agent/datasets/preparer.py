@@ -1,0 +1,121 @@
+"""The `Datasets` port: resolve a run's `data_yaml` into `<workspace>/dataset/`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from agent.datasets.cache import DatasetCache, Fetcher, RetryPolicy
+from agent.datasets.http import HttpSource
+from agent.datasets.local import plan_local
+from agent.datasets.refs import HttpRef, LocalRef, StorageRef, parse_dataset_ref
+from agent.datasets.remote import RemoteSource, SourceFactory
+from agent.datasets.spec import DatasetPlan
+from agent.datasets.sync import sync_remote
+from agent.datasets.workspace import build_workspace
+from agent.domain.errors import DatasetError
+from agent.domain.request import TrainingRequest
+from agent.ports import PreparedDataset
+
+T = TypeVar("T")
+WORKSPACE_DATASET = "dataset"
+
+
+class DatasetPreparer:
+    """Local, HTTP(S) and (with a registered source) Storage datasets, cached and normalized per run."""
+
+    def __init__(
+        self,
+        dataset_root: Path | None,
+        cache_root: Path,
+        concurrency: int = 16,
+        sources: Mapping[str, SourceFactory] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        offline: bool = False,
+        default_bucket: str = "datasets",
+        http_timeout: float = 60.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.dataset_root = dataset_root
+        self.cache_root = cache_root
+        self.concurrency = concurrency
+        self.retry = retry or RetryPolicy()
+        self.offline = offline
+        self.default_bucket = default_bucket
+
+        def http(ref: HttpRef | StorageRef) -> RemoteSource:
+            return HttpSource.create(ref, concurrency=concurrency, timeout=http_timeout)
+
+        self._sources: dict[str, SourceFactory] = {"http": http, **(sources or {})}
+
+    async def prepare(self, request: TrainingRequest, run_id: str, workspace: Path) -> PreparedDataset:
+        ref = parse_dataset_ref(request.data_yaml, self.dataset_root, self.default_bucket)
+        log = logger.bind(run_id=run_id, source=ref.display)
+        try:
+            return await self._prepare(ref, request, workspace, log)
+        except OSError as exc:
+            raise DatasetError(f"dataset preparation failed ({exc}): {ref.display}") from exc
+
+    async def _prepare(
+        self, ref: LocalRef | HttpRef | StorageRef, request: TrainingRequest, workspace: Path, log: Any
+    ) -> PreparedDataset:
+        started = time.monotonic()
+        counts: dict[str, int] = {}
+        if isinstance(ref, LocalRef):
+            dataset_root = self.dataset_root
+            plan = await _blocking(lambda stop: plan_local(ref.path, dataset_root, stop))
+        else:
+            plan, counts = await self._remote(ref, log)
+        dataset_dir = workspace / WORKSPACE_DATASET
+        built = await _blocking(lambda stop: build_workspace(plan, request.task, dataset_dir, log, stop))
+        summary = {**built.summary, **counts}
+        log.bind(task=built.task, seconds=round(time.monotonic() - started, 2), **summary).info(
+            "dataset workspace ready"
+        )
+        return PreparedDataset(yaml_path=built.yaml_path, task=built.task, summary=summary)
+
+    async def _remote(self, ref: HttpRef | StorageRef, log: Any) -> tuple[DatasetPlan, dict[str, int]]:
+        factory = self._sources.get(ref.kind)
+        if factory is None:
+            raise DatasetError(
+                f"storage datasets need the supabase backend (SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY): "
+                f"{ref.display}"
+            )
+        source = factory(ref)
+        try:
+            cache = DatasetCache(self.cache_root, source.cache_key)
+            fetcher = Fetcher(source, cache, self.retry, self.concurrency, log)
+            started = time.monotonic()
+            plan, stats = await sync_remote(
+                source,
+                ref.yaml_name,
+                cache,
+                fetcher,
+                offline=self.offline,
+                log=log.bind(cache=str(cache.dir)),
+            )
+            log.bind(seconds=round(time.monotonic() - started, 2), **stats.as_dict()).info("dataset synced")
+            return plan, stats.as_dict()
+        finally:
+            await source.aclose()
+
+
+async def _blocking(fn: Callable[[threading.Event], T]) -> T:
+    """Run filesystem-heavy work in a thread; a cancelled caller tells the thread to stop early."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(fn, stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+LocalDatasets = DatasetPreparer

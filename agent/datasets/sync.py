@@ -1,0 +1,335 @@
+"""Remote datasets: index the files a YAML names, then bring them into the cache.
+
+Files are found, in order of preference, from a `manifest.txt` beside the YAML (relative paths, one
+per line), from `.txt` split lists (then each image's label is probed: a missing one is a
+background image), or from folder listings of the split folders and their `labels/` twins. Each sync
+fetches the YAML, the lists and the listings again (they are small) and downloads only files that
+the cache lacks, so a later run reuses the cache and still sees a dataset that grew. With the source
+unreachable (or the agent offline) a cache whose last sync completed is used as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.datasets.cache import DatasetCache, DownloadFailed, Fetcher, for_each
+from agent.datasets.paths import join_rel
+from agent.datasets.remote import ListingUnavailable, RemoteFile, RemoteNotFound, RemoteSource
+from agent.datasets.spec import (
+    DatasetPlan,
+    DatasetSpec,
+    SplitPlan,
+    is_image,
+    label_for,
+    labels_folder,
+    list_entry,
+    list_lines,
+    load_spec,
+    split_entry,
+)
+from agent.domain.errors import DatasetError
+
+MANIFEST = "manifest.txt"
+
+
+@dataclass(slots=True)
+class SyncStats:
+    downloaded: int = 0
+    bytes: int = 0
+    cached: int = 0
+    probed: int = 0
+    offline_reuse: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "downloaded": self.downloaded,
+            "downloaded_bytes": self.bytes,
+            "cached": self.cached,
+            "probed": self.probed,
+            "offline_reuse": self.offline_reuse,
+        }
+
+
+@dataclass(slots=True)
+class _Index:
+    root: str  # the dataset root, relative to the source root (the YAML's folder)
+    splits: dict[str, SplitPlan] = field(default_factory=dict)
+    sizes: dict[str, int | None] = field(default_factory=dict)  # source-relative → listed size
+    labels: set[str] = field(default_factory=set)  # root-relative, known to exist
+    listed: set[str] = field(default_factory=set)  # root-relative .txt files seen in listings or the manifest
+    authoritative: set[str] = field(default_factory=set)  # images whose label folder was listed
+    absent: set[str] = field(default_factory=set)  # root-relative, known not to exist
+    probe: set[str] = field(default_factory=set)  # root-relative, existence unknown
+
+
+async def sync_remote(
+    source: RemoteSource, yaml_name: str, cache: DatasetCache, fetcher: Fetcher, *, offline: bool, log: Any
+) -> tuple[DatasetPlan, SyncStats]:
+    """The dataset's plan, every file it names present in the cache."""
+    stats = SyncStats()
+    async with cache.locked(log):
+        previous = await asyncio.to_thread(cache.read_marker)
+        if offline and previous is not None:
+            log.info("offline: using the cached dataset")
+            return await _from_marker(source, cache, previous, stats)
+        try:
+            await fetcher.fetch(yaml_name)
+        except RemoteNotFound as exc:
+            raise DatasetError(f"dataset YAML not found: {source.describe(yaml_name)}") from exc
+        except DownloadFailed as exc:
+            if previous is None:
+                raise
+            log.bind(error=str(exc)).warning(
+                "dataset source unreachable; using the cache of its last complete download"
+            )
+            return await _from_marker(source, cache, previous, stats)
+        await asyncio.to_thread(cache.clear_marker)
+        text = await asyncio.to_thread(_read_text, cache, yaml_name)
+        spec = load_spec(text, source.describe(yaml_name))
+        index = await _index(source, spec, yaml_name, fetcher, previous)
+        await _download(index, cache, fetcher, previous, stats)
+        files = await asyncio.to_thread(_sizes, cache, index)
+        content = {
+            "yaml": yaml_name,
+            "root": index.root,
+            "splits": {
+                k: {"images": list(v.images), "directory": v.directory} for k, v in index.splits.items()
+            },
+            "labels": sorted(index.labels),
+            "absent": sorted(index.absent),
+            "files": files,
+            "source": source.describe(yaml_name),
+        }
+        await asyncio.to_thread(cache.write_marker, content)
+        stats.downloaded, stats.bytes = fetcher.downloaded, fetcher.bytes
+        plan = DatasetPlan(
+            root=cache.files / index.root if index.root else cache.files,
+            spec=spec,
+            splits=index.splits,
+            labels=frozenset(index.labels),
+            source=source.describe(yaml_name),
+        )
+        return plan, stats
+
+
+def remote_root(path: str | None, where: str) -> str:
+    """The dataset root of a remote YAML: its `path:` must stay inside the YAML's folder."""
+    if path is None:
+        return ""
+    try:
+        return join_rel("", path, "dataset YAML 'path'")
+    except DatasetError as exc:
+        raise DatasetError(
+            f"dataset YAML 'path: {path}' points outside the dataset's folder; "
+            f"remove it or make it relative to the YAML: {where}"
+        ) from exc
+
+
+async def _index(
+    source: RemoteSource, spec: DatasetSpec, yaml_name: str, fetcher: Fetcher, previous: dict[str, Any] | None
+) -> _Index:
+    where = source.describe(yaml_name)
+    index = _Index(root=remote_root(spec.path, where))
+    manifest = await _manifest(fetcher)
+    old_absent = set(previous.get("absent", [])) if previous and previous.get("root") == index.root else set()
+    for name, entries in spec.splits.items():
+        images: list[str] = []
+        folders: list[str] = []
+        for entry in entries:
+            what = f"dataset YAML '{name}: {entry}'"
+            rel = split_entry(index.root, entry, what)
+            _under(index.root, rel, what)
+            if rel.endswith(".txt"):
+                images.extend(await _from_list(fetcher, index, rel, what))
+            elif is_image(rel):
+                images.append(_under(index.root, rel, what))
+            else:
+                folders.append(rel)
+                images.extend(await _from_folder(fetcher, index, manifest, rel, what))
+        if not images:
+            shown = ", ".join(source.describe(e) for e in folders or entries)
+            raise DatasetError(
+                f"dataset YAML '{name}' has no images at {shown}; the server must list folders, "
+                f"or put {MANIFEST} beside the YAML, or list images in .txt files"
+            )
+        directory = _under(index.root, folders[0], name) if len(entries) == 1 and folders else None
+        index.splits[name] = SplitPlan(images=tuple(dict.fromkeys(images)), directory=directory)
+    for split in index.splits.values():
+        for image in split.images:
+            label = label_for(image)
+            if label in index.listed:
+                index.labels.add(label)
+            elif manifest is not None or image in index.authoritative or label in old_absent:
+                index.absent.add(label)
+            else:
+                index.probe.add(label)
+    index.probe -= index.labels | index.absent
+    return index
+
+
+async def _manifest(fetcher: Fetcher) -> list[RemoteFile] | None:
+    if await fetcher.fetch_optional(MANIFEST) is None:
+        return None
+    text = await asyncio.to_thread(_read_text, fetcher.cache, MANIFEST)
+    return [RemoteFile(join_rel("", line, f"{MANIFEST} line {line!r}")) for line in list_lines(text)]
+
+
+async def _from_list(fetcher: Fetcher, index: _Index, rel: str, what: str) -> list[str]:
+    if await fetcher.fetch_optional(rel) is None:
+        raise DatasetError(f"{what}: list file not found: {fetcher.source.describe(rel)}")
+    text = await asyncio.to_thread(_read_text, fetcher.cache, rel)
+    folder = posixpath.dirname(rel)
+    images = []
+    for line in list_lines(text):
+        if not is_image(line):
+            continue
+        source_rel = list_entry(folder, line, f"{what} line {line!r}")
+        images.append(_under(index.root, source_rel, f"{what} line {line!r}"))
+        index.sizes.setdefault(source_rel, None)
+    return images
+
+
+async def _from_folder(
+    fetcher: Fetcher, index: _Index, manifest: list[RemoteFile] | None, rel: str, what: str
+) -> list[str]:
+    folders = [rel]
+    twin = labels_folder(rel)
+    if twin is not None:
+        folders.append(twin)
+    listed: list[RemoteFile] = []
+    for folder in folders:
+        if manifest is not None:
+            prefix = folder + "/" if folder else ""
+            listed.extend(f for f in manifest if f.path.startswith(prefix))
+            continue
+        try:
+            listed.extend(await fetcher.list_files(folder))
+        except ListingUnavailable as exc:
+            raise DatasetError(
+                f"{what}: cannot list {fetcher.source.describe(folder)}/ ({exc}); "
+                f"serve directory listings, or put {MANIFEST} beside the YAML, or list images in .txt files"
+            ) from exc
+    images = []
+    for f in listed:
+        inside = _inside(index.root, f.path)
+        if inside is None:
+            continue
+        if f.path.startswith(rel + "/" if rel else "") and is_image(f.path):
+            images.append(inside)
+            index.sizes[f.path] = f.size
+        elif f.path.endswith(".txt"):
+            index.listed.add(inside)
+            index.sizes[f.path] = f.size
+    images.sort()
+    index.authoritative.update(images)
+    return images
+
+
+async def _download(
+    index: _Index, cache: DatasetCache, fetcher: Fetcher, previous: dict[str, Any] | None, stats: SyncStats
+) -> None:
+    old_sizes: dict[str, int] = previous.get("files", {}) if previous else {}
+
+    def source_rel(rel: str) -> str:
+        return f"{index.root}/{rel}" if index.root else rel
+
+    wanted: dict[str, int | None] = {}
+    for split in index.splits.values():
+        for image in split.images:
+            wanted[source_rel(image)] = None
+    for label in index.labels:
+        wanted[source_rel(label)] = None
+    for rel in wanted:
+        size = index.sizes.get(rel)
+        wanted[rel] = size if size is not None else old_sizes.get(rel)
+    present = await asyncio.to_thread(cache.present, wanted.items())
+    missing = [(rel, size) for rel, size in wanted.items() if rel not in present]
+    # A size remembered from an earlier sync only vouches for the copy in the cache, not for the server.
+    to_fetch = [(rel, index.sizes.get(rel)) for rel, _ in missing]
+    stats.cached = len(present)
+    await fetcher.fetch_all(sorted(to_fetch))
+
+    probes = sorted(index.probe)
+    probe_present = await asyncio.to_thread(
+        cache.present, [(source_rel(p), old_sizes.get(source_rel(p))) for p in probes]
+    )
+    unknown = [p for p in probes if source_rel(p) not in probe_present]
+    index.labels.update(p for p in probes if source_rel(p) in probe_present)
+    stats.cached += len(probe_present)
+    stats.probed = len(unknown)
+
+    async def probe(label: str) -> None:
+        if await fetcher.fetch_optional(source_rel(label)) is None:
+            index.absent.add(label)
+        else:
+            index.labels.add(label)
+
+    await for_each(unknown, probe, fetcher.concurrency)
+
+
+async def _from_marker(
+    source: RemoteSource, cache: DatasetCache, marker: dict[str, Any], stats: SyncStats
+) -> tuple[DatasetPlan, SyncStats]:
+    yaml_name = str(marker["yaml"])
+    text = await asyncio.to_thread(_read_text, cache, yaml_name)
+    spec = load_spec(text, source.describe(yaml_name))
+    files: dict[str, int] = marker["files"]
+    present = await asyncio.to_thread(cache.present, files.items())
+    if len(present) != len(files):
+        raise DatasetError(
+            f"dataset source unreachable and its cached copy is incomplete "
+            f"({len(files) - len(present)} files missing): {source.describe(yaml_name)}"
+        )
+    root = str(marker["root"])
+    splits = {
+        name: SplitPlan(images=tuple(value["images"]), directory=value["directory"])
+        for name, value in marker["splits"].items()
+    }
+    stats.cached = len(files)
+    stats.offline_reuse = 1
+    plan = DatasetPlan(
+        root=cache.files / root if root else cache.files,
+        spec=spec,
+        splits=splits,
+        labels=frozenset(marker["labels"]),
+        source=source.describe(yaml_name),
+    )
+    return plan, stats
+
+
+def _under(root: str, rel: str, what: str) -> str:
+    inside = _inside(root, rel)
+    if inside is None:
+        raise DatasetError(f"{what}: {rel!r} is outside the dataset folder {root or '.'!r}")
+    return inside
+
+
+def _inside(root: str, rel: str) -> str | None:
+    if not root:
+        return rel
+    if rel == root:
+        return ""
+    return rel[len(root) + 1 :] if rel.startswith(root + "/") else None
+
+
+def _read_text(cache: DatasetCache, rel: str) -> str:
+    path = cache.files / rel
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{rel} is not UTF-8 text") from exc
+
+
+def _sizes(cache: DatasetCache, index: _Index) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    prefix = f"{index.root}/" if index.root else ""
+    rels = [prefix + i for s in index.splits.values() for i in s.images] + [
+        prefix + lbl for lbl in index.labels
+    ]
+    for rel in rels:
+        sizes[rel] = os.stat(cache.files / rel).st_size
+    return sizes

@@ -1,0 +1,198 @@
+"""The run's own copy of a dataset: images hard-linked, labels normalized and written fresh, a new YAML.
+
+Nothing here writes into the plan's root (the user's folder or the cache): images are linked or
+copied out of it, labels are read from it and written into the workspace.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.datasets.labels import LabelStats, infer_task, normalize_text, shape_of
+from agent.datasets.paths import ensure_inside
+from agent.datasets.spec import DatasetPlan, label_for, workspace_yaml
+from agent.domain.errors import DatasetError
+from agent.domain.request import Task
+
+YAML_NAME = "data.yaml"
+SPLIT_LISTS = ".splits"
+_MAX_EXAMPLES = 5
+_LINK_FALLBACK = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    yaml_path: Path
+    task: Task
+    summary: dict[str, int]
+
+
+def build_workspace(
+    plan: DatasetPlan, task: Task | None, dataset_dir: Path, log: Any, stop: threading.Event | None = None
+) -> Built:
+    """Write the workspace under `dataset_dir` (replacing an earlier attempt's) and return its YAML."""
+    if dataset_dir.is_symlink():
+        raise DatasetError(f"workspace dataset folder is a symbolic link: {dataset_dir}")
+    if dataset_dir.exists():
+        shutil.rmtree(dataset_dir)
+    dataset_dir.mkdir(parents=True)
+
+    images = list(dict.fromkeys(i for split in plan.splits.values() for i in split.images))
+    labels = {image: label_for(image) for image in images}
+    present = _present_labels(plan, set(labels.values()))
+    if not present:
+        raise DatasetError(f"no labels found for {len(images)} images: {plan.source}")
+    chosen: Task = task if task is not None else _infer(plan, present, stop)
+
+    stats = LabelStats()
+    examples: list[str] = []
+    for label in sorted(present):
+        _check(stop)
+        stats.add(_write_label(plan, label, dataset_dir, chosen, examples))
+    if stats.kept == 0:
+        raise DatasetError(
+            f"no labels found: {stats.files} label files hold no valid annotation "
+            f"({stats.dropped} invalid lines dropped{': ' + examples[0] if examples else ''}): {plan.source}"
+        )
+    log.bind(task=chosen, inferred=task is None, **stats.as_dict()).info("labels normalized")
+    if examples:
+        log.bind(examples=examples).warning("invalid label lines dropped")
+
+    linked = copied = 0
+    missing: set[str] = set()
+    for image in images:
+        _check(stop)
+        result = _place(plan.root / image, dataset_dir / image, dataset_dir)
+        if result is None:
+            missing.add(image)
+        elif result:
+            linked += 1
+        else:
+            copied += 1
+    if missing:
+        log.bind(missing=len(missing), first=sorted(missing)[0]).warning("listed images not found; skipped")
+
+    entries = _split_entries(plan, dataset_dir, missing, log)
+    yaml_path = dataset_dir / YAML_NAME
+    doc = workspace_yaml(plan.spec, dataset_dir, entries)
+    yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    summary = {
+        "images": len(images) - len(missing),
+        "labels": len(present),
+        "instances": stats.kept,
+        "converted": stats.converted,
+        "clipped": stats.clipped,
+        "dropped": stats.dropped,
+        "empty_labels": stats.empty_files,
+        "background": len(images) - len(present),
+        "linked": linked,
+        "copied": copied,
+        "missing_images": len(missing),
+    }
+    return Built(yaml_path, chosen, summary)
+
+
+def _present_labels(plan: DatasetPlan, wanted: set[str]) -> set[str]:
+    if plan.labels is not None:
+        return wanted & plan.labels
+    return {label for label in wanted if (plan.root / label).is_file()}
+
+
+def _infer(plan: DatasetPlan, labels: set[str], stop: threading.Event | None) -> Task:
+    boxes = polygons = 0
+    for label in labels:
+        _check(stop)
+        for line in _read(plan.root / label).splitlines():
+            shape = shape_of(line)
+            boxes += shape == "box"
+            polygons += shape == "polygon"
+    return infer_task(boxes, polygons)
+
+
+def _write_label(
+    plan: DatasetPlan, label: str, dataset_dir: Path, task: Task, examples: list[str]
+) -> LabelStats:
+    result = normalize_text(_read(plan.root / label), task, plan.spec.nc)
+    for drop in result.dropped[: _MAX_EXAMPLES - len(examples)]:
+        examples.append(f"{label}:{drop.line_no} {drop.reason}: {drop.text}")
+    dest = dataset_dir / label
+    ensure_inside(dest, dataset_dir, "label")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(result.text, encoding="utf-8")
+    return result.stats
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise DatasetError(f"cannot read label file {path}: {exc}") from exc
+
+
+def _place(src: Path, dest: Path, dataset_dir: Path) -> bool | None:
+    """Hard-link `src` to `dest` (True), copy it (False), or None when `src` is missing."""
+    ensure_inside(dest, dataset_dir, "image")
+    if dest.exists():
+        return True
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if _jpeg_without_end_marker(src):
+            # Ultralytics re-saves such JPEGs in place; a hard link would let it rewrite the user's file.
+            shutil.copyfile(src, dest)
+            return False
+        os.link(src, dest)
+        return True
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in _LINK_FALLBACK:
+            raise DatasetError(f"cannot place image {src} in the workspace: {exc}") from exc
+    try:
+        shutil.copyfile(src, dest)
+    except OSError as exc:
+        raise DatasetError(f"cannot copy image {src} into the workspace: {exc}") from exc
+    return False
+
+
+def _jpeg_without_end_marker(path: Path) -> bool:
+    with path.open("rb") as handle:
+        if handle.read(3) != b"\xff\xd8\xff":
+            return False
+        handle.seek(-2, os.SEEK_END)
+        return handle.read(2) != b"\xff\xd9"
+
+
+def _split_entries(plan: DatasetPlan, dataset_dir: Path, missing: set[str], log: Any) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for name, split in plan.splits.items():
+        images = [i for i in split.images if i not in missing]
+        if not images:
+            if name == "test":
+                log.warning("test split has no images; left out")
+                continue
+            raise DatasetError(f"dataset YAML '{name}' has no images that exist: {plan.source}")
+        if split.directory is not None:
+            entries[name] = split.directory or "."
+            continue
+        # Ultralytics reads absolute lines as they are; `./` lines would tie the list to one folder.
+        lists = dataset_dir / SPLIT_LISTS
+        lists.mkdir(exist_ok=True)
+        (lists / f"{name}.txt").write_text("".join(f"{dataset_dir / i}\n" for i in images), encoding="utf-8")
+        entries[name] = f"{SPLIT_LISTS}/{name}.txt"
+    return entries
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise DatasetError("dataset preparation was interrupted")

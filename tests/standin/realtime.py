@@ -1,0 +1,391 @@
+"""Realtime: Phoenix channels over a websocket, pushing `postgres_changes` from the change feed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from aiohttp import WSCloseCode, WSMsgType, web
+from psycopg.types.json import Jsonb
+
+from tests.standin.auth import TokenError, verify
+from tests.standin.changes import Change
+from tests.standin.db import PUBLICATION, Pool
+from tests.standin.faults import Faults
+from tests.standin.realtime_params import Binding, parse_binding
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 60.0  # Phoenix closes a websocket that sends nothing (not even a heartbeat) this long
+
+
+@dataclass
+class Frame:
+    topic: str
+    event: str
+    payload: Any
+    ref: str | None = None
+    join_ref: str | None = None
+
+
+class V1Serializer:
+    """Phoenix.Socket.V1.JSONSerializer: objects with topic, event, payload, ref."""
+
+    def encode(self, frame: Frame) -> str:
+        return json.dumps({"topic": frame.topic, "event": frame.event, "payload": frame.payload, "ref": frame.ref})
+
+    def decode(self, text: str) -> Frame:
+        msg = json.loads(text)
+        return Frame(msg["topic"], msg["event"], msg.get("payload") or {}, msg.get("ref"), msg.get("join_ref"))
+
+
+class V2Serializer:
+    """Phoenix.Socket.V2.JSONSerializer: arrays [join_ref, ref, topic, event, payload]."""
+
+    def encode(self, frame: Frame) -> str:
+        return json.dumps([frame.join_ref, frame.ref, frame.topic, frame.event, frame.payload])
+
+    def decode(self, text: str) -> Frame:
+        join_ref, ref, topic, event, payload = json.loads(text)
+        return Frame(topic, event, payload or {}, ref, join_ref)
+
+
+class SubscribeError(Exception):
+    """Realtime could not create the subscriptions of a channel."""
+
+
+class Channel:
+    """One joined `realtime:<name>` topic on one socket."""
+
+    def __init__(self, conn: Connection, topic: str, join_ref: str | None, config: dict[str, Any]) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.name = topic.removeprefix("realtime:")
+        self.join_ref = join_ref
+        broadcast = config.get("broadcast") if isinstance(config.get("broadcast"), dict) else {}
+        self.broadcast_self = bool(broadcast.get("self"))  # type: ignore[union-attr]
+        self.broadcast_ack = bool(broadcast.get("ack"))  # type: ignore[union-attr]
+        changes = config.get("postgres_changes")
+        self.bindings: list[Binding] = (
+            [parse_binding(p) for p in changes if p is not None] if isinstance(changes, list) else []
+        )
+        self.closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def push(self, event: str, payload: Any, ref: str | None = None) -> None:
+        self.conn.push(Frame(self.topic, event, payload, ref, self.join_ref))
+
+    def push_system(self, extension: str, status: str, message: str) -> None:
+        self.push("system", {"channel": self.name, "extension": extension, "status": status, "message": message})
+
+    def subscribe(self, work: Awaitable[None]) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.ensure_future(work)
+
+    def close(self) -> None:
+        self.closed = True
+        for binding in self.bindings:
+            binding.active = False
+        if self._task is not None:
+            self._task.cancel()
+
+
+class Connection:
+    """One websocket: its channels and an ordered outgoing queue that faults can stall."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None,
+        serializer: V1Serializer | V2Serializer,
+        token: str,
+        faults: Faults,
+    ) -> None:
+        self.ws = ws
+        self.serializer = serializer
+        self.token = token
+        self.channels: dict[str, Channel] = {}
+        self._transport = transport
+        self._faults = faults
+        self._out: asyncio.Queue[str] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write())
+
+    def push(self, frame: Frame) -> None:
+        if not self._writer.done():
+            self._out.put_nowait(self.serializer.encode(frame))
+
+    def reply(self, frame: Frame, status: str, response: dict[str, Any]) -> None:
+        self.push(Frame(frame.topic, "phx_reply", {"status": status, "response": response}, frame.ref, frame.join_ref))
+
+    async def _write(self) -> None:
+        while True:
+            text = await self._out.get()
+            while (stall := self._faults.stall_remaining()) > 0:
+                await asyncio.sleep(stall)
+            try:
+                await self.ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                return
+
+    def drop(self) -> None:
+        """Cut the connection without a close frame, as a network failure does."""
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            asyncio.ensure_future(self.ws.close(code=WSCloseCode.ABNORMAL_CLOSURE))
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        self._writer.cancel()
+
+
+class Realtime:
+    """The `/realtime/v1/websocket` endpoint and the delivery of captured changes to its channels."""
+
+    def __init__(
+        self, pool: Pool, faults: Faults, jwt_secret: str, sync_triggers: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._pool = pool
+        self._faults = faults
+        self._secret = jwt_secret
+        self._sync_triggers = sync_triggers
+        self._connections: set[Connection] = set()
+        self.joins = 0  # joins answered ok, over the server's life
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    def drop_all(self) -> int:
+        conns = list(self._connections)
+        for conn in conns:
+            conn.drop()
+        return len(conns)
+
+    async def close_all(self) -> None:
+        for conn in list(self._connections):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The websocket handshake (apikey checked as Realtime's UserSocket does) and the frame loop."""
+        if self._faults.realtime_refused:
+            return web.json_response({"error": "Realtime is unavailable"}, status=503)
+        token = request.query.get("apikey") or request.headers.get("x-api-key")
+        try:
+            verify(token, self._secret)
+        except TokenError as exc:
+            return web.json_response({"error": exc.message}, status=401)
+        serializer = V2Serializer() if request.query.get("vsn", "1.0.0").startswith("2.") else V1Serializer()
+        ws = web.WebSocketResponse(autoping=True)
+        transport = request.transport
+        await ws.prepare(request)
+        conn = Connection(ws, transport, serializer, str(token), self._faults)
+        self._connections.add(conn)
+        try:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=IDLE_TIMEOUT)
+                except TimeoutError:
+                    await ws.close()
+                    break
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(conn, msg.data)
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+        finally:
+            self._connections.discard(conn)
+            conn.close()
+        return ws
+
+    async def _on_text(self, conn: Connection, text: str) -> None:
+        try:
+            frame = conn.serializer.decode(text)
+        except (ValueError, KeyError, TypeError):
+            log.info("stand-in realtime: undecodable frame %r", text[:200])
+            return
+        if frame.topic == "phoenix" and frame.event == "heartbeat":
+            conn.reply(frame, "ok", {})
+            return
+        if frame.event == "phx_join":
+            self._join(conn, frame)
+            return
+        channel = conn.channels.get(frame.topic)
+        if channel is None:
+            conn.reply(frame, "error", {"reason": "unmatched topic"})
+            return
+        payload = frame.payload if isinstance(frame.payload, dict) else {}
+        if frame.event == "phx_leave":
+            conn.reply(frame, "ok", {})
+            self._close_channel(channel)
+        elif frame.event == "access_token":
+            self._access_token(channel, payload.get("access_token"))
+        elif frame.event == "broadcast":
+            self._broadcast(channel, frame)
+        elif frame.event == "presence":
+            conn.reply(frame, "ok", {})
+        # Anything else is ignored, as Realtime's catch-all handle_in does.
+
+    def _join(self, conn: Connection, frame: Frame) -> None:
+        topic = frame.topic
+        if not topic.startswith("realtime:"):
+            conn.reply(frame, "error", {"reason": "unmatched topic"})
+            return
+        if topic == "realtime:":
+            conn.reply(frame, "error", {"reason": "TopicNameRequired: You must provide a topic name"})
+            return
+        old = conn.channels.pop(topic, None)
+        if old is not None:
+            old.close()  # Phoenix replaces a duplicate join silently
+        payload = frame.payload if isinstance(frame.payload, dict) else {}
+        token = payload.get("access_token") or payload.get("user_token") or conn.token
+        try:
+            verify(token if isinstance(token, str) else None, self._secret)
+        except TokenError as exc:
+            conn.reply(frame, "error", {"reason": f"Unauthorized: {exc.message}"})
+            return
+        config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+        channel = Channel(conn, topic, frame.join_ref or frame.ref, config)  # type: ignore[arg-type]
+        conn.channels[topic] = channel
+        self.joins += 1
+        conn.reply(frame, "ok", {"postgres_changes": [{**b.params, "id": b.id} for b in channel.bindings]})
+        presence = config.get("presence") if isinstance(config, dict) else None
+        if isinstance(presence, dict) and presence.get("enabled"):
+            channel.push("presence_state", {})
+        if channel.bindings:
+            channel.subscribe(self._subscribe(channel))
+
+    def _close_channel(self, channel: Channel) -> None:
+        channel.close()
+        if channel.conn.channels.get(channel.topic) is channel:
+            del channel.conn.channels[channel.topic]
+        channel.push("phx_close", {}, ref=channel.join_ref)
+
+    def _access_token(self, channel: Channel, token: Any) -> None:
+        if not isinstance(token, str):
+            return
+        try:
+            verify(token, self._secret)
+        except TokenError as exc:
+            channel.push_system("system", "error", exc.message)
+            self._close_channel(channel)
+            return
+        if channel.bindings:
+            # Realtime re-creates the subscriptions after a random 1-3 s backoff, then says so again.
+            channel.subscribe(self._subscribe(channel, delay=random.uniform(1.0, 3.0)))
+
+    def _broadcast(self, channel: Channel, frame: Frame) -> None:
+        for conn in list(self._connections):
+            other = conn.channels.get(channel.topic)
+            if other is None or (other is channel and not channel.broadcast_self):
+                continue
+            other.push("broadcast", frame.payload)
+        if channel.broadcast_ack:
+            channel.conn.reply(frame, "ok", {})
+
+    async def _subscribe(self, channel: Channel, delay: float = 0.0) -> None:
+        """Create the channel's subscriptions, then say "Subscribed to PostgreSQL" (or the error)."""
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            await self._sync_triggers()
+            entities = await self._resolve(channel.bindings)
+        except SubscribeError as exc:
+            channel.push_system("postgres_changes", "error", str(exc))
+            return
+        except psycopg.Error as exc:
+            channel.push_system("postgres_changes", "error", f"Unable to subscribe to PostgreSQL: {exc}")
+            return
+        await self._faults.wait_subscribed()
+        if channel.closed:
+            return
+        for binding, found in zip(channel.bindings, entities, strict=True):
+            binding.entities = found
+            binding.active = True
+        channel.push_system("postgres_changes", "ok", "Subscribed to PostgreSQL")
+
+    async def _resolve(self, bindings: list[Binding]) -> list[set[tuple[str, str]]]:
+        """The published tables of each binding; all or nothing, as Realtime's subscription insert."""
+        resolved = []
+        async with self._pool.connection() as conn, conn.transaction():
+            for binding in bindings:
+                if binding.error is not None:
+                    raise SubscribeError(binding.error)
+                cur = await conn.execute(
+                    "select schemaname, tablename from pg_publication_tables where pubname = %s"
+                    " and (%s = '*' or schemaname = %s) and (%s = '*' or tablename = %s)",
+                    [PUBLICATION, binding.schema, binding.schema, binding.table, binding.table],
+                )
+                found = {(str(s), str(t)) for s, t in await cur.fetchall()}
+                if not found:
+                    raise SubscribeError(
+                        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled"
+                        f" for the given connect parameters: [{_params_to_log(binding)}]"
+                    )
+                try:
+                    for schema, table in sorted(found):
+                        for f in binding.filters:
+                            await conn.execute(
+                                "select standin.check_filter(format('%%I.%%I', %s::text, %s::text)::regclass,"
+                                " %s, %s, %s)",
+                                [schema, table, f.column, f.op, f.value],
+                            )
+                except psycopg.Error as exc:
+                    raise SubscribeError(
+                        "Unable to subscribe to changes with given parameters. An exception happened so please"
+                        f" check your connect parameters: [{_params_to_log(binding)}]."
+                        f" Exception: ERROR {exc.sqlstate} {exc.diag.message_primary}"
+                    ) from exc
+                resolved.append(found)
+        return resolved
+
+    async def deliver(self, changes: list[Change]) -> None:
+        """Push each change, in order, to every channel with bindings that want it."""
+        for change in changes:
+            for conn in list(self._connections):
+                for channel in list(conn.channels.values()):
+                    await self._deliver_to(channel, change)
+
+    async def _deliver_to(self, channel: Channel, change: Change) -> None:
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for binding in channel.bindings:
+            if not binding.wants(change.schema, change.table, change.type):
+                continue
+            # Realtime filters on the new row; deletes carry none and pass every filter.
+            if binding.filters and change.type != "DELETE" and not await self._passes(binding, change):
+                continue
+            ids = groups.setdefault(tuple(binding.select) if binding.select else None, [])
+            if binding.id not in ids:
+                ids.append(binding.id)
+        for select, ids in groups.items():
+            data = change.data(list(select) if select else None)
+            channel.push("postgres_changes", {"ids": ids, "data": data})
+
+    async def _passes(self, binding: Binding, change: Change) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "select standin.filters_match(format('%%I.%%I', %s::text, %s::text)::regclass, %s, %s)",
+                [change.schema, change.table, Jsonb(change.record), Jsonb([f.as_row() for f in binding.filters])],
+            )
+            row = await cur.fetchone()
+            await conn.rollback()
+        return bool(row and row[0])
+
+
+def _params_to_log(binding: Binding) -> str:
+    filters = ", ".join(f'{{"{f.column}", "{f.op}", "{f.value}"}}' for f in binding.filters)
+    select = binding.select if binding.select is not None else "nil"
+    return (
+        f"event: {binding.event}, schema: {binding.schema}, table: {binding.table},"
+        f" filters: [{filters}], select: {select}"
+    )
