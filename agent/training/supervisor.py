@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -74,6 +75,11 @@ class ChildTrainer:
         read_fd, write_fd = os.pipe()
         try:
             with log_path.open("ab") as log_file:
+                # One log per workspace across attempts; the tail is read from this attempt's start.
+                stamp = datetime.now(UTC).isoformat(timespec="seconds")
+                log_file.write(f"--- {stamp} run {job.run_id} attempt {job.attempt}\n".encode())
+                log_file.flush()
+                log_offset = log_file.tell()
                 proc = await asyncio.create_subprocess_exec(
                     self._python,
                     "-u",
@@ -102,6 +108,7 @@ class ChildTrainer:
         child = ChildProcess(
             proc,
             log_path,
+            log_offset=log_offset,
             run_id=job.run_id,
             stop_grace=self._stop_grace,
             kill_grace=self._kill_grace,
@@ -119,6 +126,7 @@ class ChildProcess:
         proc: asyncio.subprocess.Process,
         log_path: Path,
         *,
+        log_offset: int = 0,
         run_id: str,
         stop_grace: float,
         kill_grace: float,
@@ -126,6 +134,7 @@ class ChildProcess:
         self._proc = proc
         self._pgid = proc.pid  # start_new_session: the child leads its own group
         self._log_path = log_path
+        self._log_offset = log_offset
         self._stop_grace = stop_grace
         self._kill_grace = kill_grace
         self._queue: asyncio.Queue[TrainerMessage | _End] = asyncio.Queue()
@@ -187,7 +196,7 @@ class ChildProcess:
             with self._log_path.open("rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                f.seek(max(0, size - _TAIL_BYTES))
+                f.seek(max(self._log_offset, size - _TAIL_BYTES))
                 data = f.read()
         except OSError:
             return ()

@@ -258,9 +258,14 @@ def test_listen_connection_killed_while_runs_arrive_loses_nothing(
     agent = start_agent(agents, database_url, tmp_path)
     quick = {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.01}
     ids = []
+    kills = 0
     for i in range(12):
         ids.append(insert_run(database_url, quick))
         if i in (3, 8):
+            # Runs keep arriving while the listener is down; the second kill waits for the first
+            # reconnect, so that it has a connection to kill.
+            agent.wait_logged("event stream subscribed: catch-up poll", count=kills + 1)
+            kills += 1
             with psycopg.connect(database_url) as conn:
                 killed = conn.execute(
                     "select pg_terminate_backend(pid) from pg_stat_activity "
@@ -269,7 +274,7 @@ def test_listen_connection_killed_while_runs_arrive_loses_nothing(
             assert killed, "no LISTEN connection found"
     for run_id in ids:
         wait_status(database_url, run_id, "completed", timeout=30)
-    assert len(agent.logged("event stream subscribed: catch-up poll")) >= 2
+    agent.wait_logged("event stream subscribed: catch-up poll", count=3)
 
 
 def test_a_run_of_a_dead_worker_is_rescued_and_finished(

@@ -22,6 +22,11 @@ from agent.domain.status import RunStatus
 
 # Starts like a JPEG and ends with its end-of-image marker; preparation never decodes images.
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(64)) + b"\xff\xd9"
+
+
+def jpeg(tag: str) -> bytes:
+    """A distinct, complete JPEG-looking file."""
+    return JPEG[:-2] + tag.encode() + JPEG[-2:]
 FAST_RETRY = RetryPolicy(attempts=4, initial=0.005, maximum=0.02)
 
 Listing = Literal["nginx", "json", "none"]
@@ -55,9 +60,9 @@ def basic_dataset(root: Path, **yaml_doc: Any) -> Path:
         root,
         {
             "images/train/a.jpg": JPEG,
-            "images/train/b.jpg": JPEG + b"b",
-            "images/train/background.jpg": JPEG + b"bg",
-            "images/val/c.jpg": JPEG + b"c",
+            "images/train/b.jpg": jpeg("b"),
+            "images/train/background.jpg": jpeg("bg"),
+            "images/val/c.jpg": jpeg("c"),
             "labels/train/a.txt": "0 0.5 0.5 0.2 0.2\n",
             "labels/train/b.txt": "1 0.1 0.1 0.4 0.1 0.4 0.5\n",
             "labels/val/c.txt": "1 0.3 0.3 0.2 0.4\n",

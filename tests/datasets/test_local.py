@@ -13,7 +13,7 @@ import yaml
 import agent.datasets.workspace as workspace_module
 from agent.datasets import DatasetPreparer
 from agent.domain.errors import DatasetError
-from tests.datasets.conftest import JPEG, basic_dataset, data_yaml, request, snapshot, write_tree
+from tests.datasets.conftest import JPEG, basic_dataset, jpeg, data_yaml, request, snapshot, write_tree
 
 Preparers = Callable[..., DatasetPreparer]
 
@@ -224,7 +224,7 @@ async def test_invalid_lines_dropped_in_the_workspace_only(tmp_path: Path, prepa
     before = snapshot(src)
     prepared = await preparer_for().prepare(request(str(src / "data.yaml")), "r", tmp_path / "ws")
     assert snapshot(src) == before
-    assert (tmp_path / "ws/dataset/labels/train/a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n0 0.975 0.5 0.05 0.1\n"
+    assert (tmp_path / "ws/dataset/labels/train/a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n0 0.977 0.5 0.046 0.1\n"
     assert prepared.summary["dropped"] == 4
     assert prepared.summary["clipped"] == 1
 
@@ -251,7 +251,7 @@ async def test_images_are_copied_when_links_are_impossible(
     yaml_path = basic_dataset(tmp_path / "proj")
     prepared = await preparer_for().prepare(request(str(yaml_path)), "r", tmp_path / "ws")
     assert (prepared.summary["linked"], prepared.summary["copied"]) == (0, 4)
-    assert (tmp_path / "ws/dataset/images/val/c.jpg").read_bytes() == JPEG + b"c"
+    assert (tmp_path / "ws/dataset/images/val/c.jpg").read_bytes() == jpeg("c")
 
 
 async def test_symlinked_image_folder_is_followed_without_symlinks_in_the_workspace(
