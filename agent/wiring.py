@@ -128,6 +128,8 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         cache_root=settings.cache_root,
         concurrency=settings.download_concurrency,
         sources=sources or None,
+        offline=offline,
+        default_bucket=settings.supabase_datasets_bucket,
     )
     trainer = ChildTrainer(stop_grace=settings.stop_grace, kill_grace=settings.kill_grace, offline=offline)
 

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -25,8 +26,16 @@ from typing import Any, TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_exponential_jitter
 
+from agent.datasets.aio import for_each
 from agent.datasets.paths import ensure_inside
-from agent.datasets.remote import RemoteError, RemoteFile, RemoteNotFound, RemoteSource, RemoteTransient
+from agent.datasets.remote import (
+    ListingUnavailable,
+    RemoteError,
+    RemoteFile,
+    RemoteNotFound,
+    RemoteSource,
+    RemoteTransient,
+)
 from agent.domain.errors import DatasetError
 
 T = TypeVar("T")
@@ -85,7 +94,7 @@ class DatasetCache:
     """The cache folder of one source."""
 
     def __init__(self, cache_root: Path, key: str) -> None:
-        kind = key.split(":", 1)[0] or "source"
+        kind = re.sub(r"[^a-z0-9_-]", "", key.split(":", 1)[0].lower())[:16] or "source"
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         self.key = key
         self.dir = cache_root / f"{kind}-{digest}"
@@ -166,6 +175,7 @@ class Fetcher:
         self.downloaded = 0
         self.bytes = 0
         self._slots = asyncio.Semaphore(concurrency)
+        self._folders: set[Path] = set()  # cache folders created and checked already
 
     async def list_files(self, prefix: str) -> list[RemoteFile]:
         return await self._retry(self.source.describe(prefix) + "/", lambda: self.source.list_files(prefix))
@@ -196,19 +206,24 @@ class Fetcher:
 
     async def _fetch_once(self, rel: str, dest: Path, size: int | None) -> int:
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
-        await asyncio.to_thread(self._make_room, rel, dest)
+        if dest.parent not in self._folders:
+            await asyncio.to_thread(self._make_room, rel, dest)
+            self._folders.add(dest.parent)
         try:
             written = await self.source.fetch(rel, tmp)
             if size is not None and written != size:
                 raise RemoteTransient(f"size mismatch: listed as {size} bytes, received {written}")
             await asyncio.to_thread(os.replace, tmp, dest)
             return written
-        finally:
-            await asyncio.to_thread(_unlink_quietly, tmp)
+        except BaseException:
+            # Synchronous on purpose: it must also run while the task is being cancelled.
+            _unlink_quietly(tmp)
+            raise
 
     def _make_room(self, rel: str, dest: Path) -> None:
         ensure_inside(dest, self.cache.files, f"download of {self.source.describe(rel)}")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        ensure_inside(dest, self.cache.files, f"download of {self.source.describe(rel)}")
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         async def guarded() -> T:
@@ -218,7 +233,7 @@ class Fetcher:
         try:
             result: T = await self.policy.retrying(what, self.log)(guarded)
             return result
-        except RemoteNotFound:
+        except (RemoteNotFound, ListingUnavailable):
             raise
         except RemoteTransient as exc:
             raise DownloadFailed(
@@ -230,23 +245,6 @@ class Fetcher:
             if exc.errno == errno.ENOSPC:
                 raise DatasetError(f"no space left for the dataset cache {self.cache.dir}") from exc
             raise DatasetError(f"cannot write the dataset cache ({exc}): {what}") from exc
-
-
-async def for_each(items: Iterable[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
-    """Run `fn` over `items` with at most `workers` at a time; the first failure cancels the rest."""
-    iterator = iter(items)
-
-    async def worker() -> None:
-        for item in iterator:
-            await fn(item)
-
-    tasks = [asyncio.create_task(worker()) for _ in range(max(1, workers))]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -18,12 +18,14 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpx
 
+from agent.datasets.aio import gather_all
 from agent.datasets.refs import HttpRef, StorageRef
 from agent.datasets.remote import ListingUnavailable, RemoteError, RemoteFile, RemoteNotFound, RemoteTransient
 
 USER_AGENT = "saturnos-agent"
 _MAX_DEPTH = 32
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
+_BUFFER_LIMIT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +81,8 @@ class HttpSource:
                 expected = _content_length(response)
                 written = await _write_body(response, dest)
                 received = response.num_bytes_downloaded
-        except httpx.TransportError as exc:
-            raise RemoteTransient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+        except httpx.RequestError as exc:
+            raise _request_error(exc) from exc
         if expected is not None and received != expected:
             raise RemoteTransient(f"size mismatch: announced {expected} bytes, received {received}")
         return written
@@ -101,7 +103,7 @@ class HttpSource:
                     subfolders.append(rel)
                 else:
                     found.append(RemoteFile(rel, entry.size))
-            await asyncio.gather(*(walk(sub, depth + 1) for sub in subfolders))
+            await gather_all([walk(sub, depth + 1) for sub in subfolders])
 
         await walk(prefix.strip("/"), 0)
         return sorted(found, key=lambda f: f.path)
@@ -110,8 +112,8 @@ class HttpSource:
         url = self._root + (quote(folder, safe="/") + "/" if folder else "")
         try:
             response = await self._client.get(url)
-        except httpx.TransportError as exc:
-            raise RemoteTransient(f"{type(exc).__name__}: {exc or 'connection failed'}") from exc
+        except httpx.RequestError as exc:
+            raise _request_error(exc) from exc
         if response.status_code in (404, 410):
             return []
         if response.status_code in (401, 403, 405):
@@ -188,6 +190,14 @@ class _Links(HTMLParser):
                     self.hrefs.append(value.strip())
 
 
+def _request_error(exc: httpx.RequestError) -> RemoteError:
+    message = f"{type(exc).__name__}: {exc or 'request failed'}"
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.TooManyRedirects)):
+        return RemoteError(message)
+    # Connection failures, timeouts, broken or undecodable bodies.
+    return RemoteTransient(message)
+
+
 def _raise_for_status(response: httpx.Response, where: str) -> None:
     status = response.status_code
     if status < 300:
@@ -223,12 +233,29 @@ def _content_length(response: httpx.Response) -> int | None:
 
 
 async def _write_body(response: httpx.Response, dest: Path) -> int:
-    handle: IO[bytes] = await asyncio.to_thread(dest.open, "wb")
-    written = 0
+    # Most dataset files are small: buffer them and write once, rather than a thread hop per chunk.
+    buffered: list[bytes] = []
+    size = 0
+    handle: IO[bytes] | None = None
     try:
         async for chunk in response.aiter_bytes():
-            await asyncio.to_thread(handle.write, chunk)
-            written += len(chunk)
+            size += len(chunk)
+            if handle is None:
+                buffered.append(chunk)
+                if size > _BUFFER_LIMIT:
+                    handle = await asyncio.to_thread(_open_and_write, dest, b"".join(buffered))
+                    buffered.clear()
+            else:
+                await asyncio.to_thread(handle.write, chunk)
+        if handle is None:
+            await asyncio.to_thread(dest.write_bytes, b"".join(buffered))
     finally:
-        await asyncio.to_thread(handle.close)
-    return written
+        if handle is not None:
+            await asyncio.to_thread(handle.close)
+    return size
+
+
+def _open_and_write(dest: Path, data: bytes) -> IO[bytes]:
+    handle = dest.open("wb")
+    handle.write(data)
+    return handle

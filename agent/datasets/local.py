@@ -16,6 +16,7 @@ import posixpath
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -36,7 +37,7 @@ _FOREIGN_ABSOLUTE = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
 
 
 def plan_local(
-    yaml_path: Path, dataset_root: Path | None, stop: threading.Event | None = None
+    yaml_path: Path, dataset_root: Path | None, log: Any = logger, stop: threading.Event | None = None
 ) -> DatasetPlan:
     """Read the YAML and enumerate every split's images; DatasetError on anything unusable."""
     if not yaml_path.is_file():
@@ -48,26 +49,27 @@ def plan_local(
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"dataset YAML cannot be read ({exc}): {yaml_path}") from exc
     spec = load_spec(text, str(yaml_path))
-    root = _root(spec, yaml_path, dataset_root)
+    root = _root(spec, yaml_path, dataset_root, log)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root} (from {yaml_path})")
     splits = {name: _split(root, name, entries, stop) for name, entries in spec.splits.items()}
     return DatasetPlan(root=root, spec=spec, splits=splits, labels=None, source=str(yaml_path))
 
 
-def _root(spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None) -> Path:
+def _root(spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: Any) -> Path:
     folder = Path(os.path.normpath(yaml_path.absolute().parent))
     if spec.path is None:
         return folder
     allowed = [folder] + ([dataset_root] if dataset_root is not None else [])
     if _FOREIGN_ABSOLUTE.match(spec.path):
-        _stale_path(spec.path, yaml_path)
+        _stale_path(spec.path, yaml_path, log)
         return folder
     candidate = Path(os.path.normpath(folder / spec.path))
-    if any(real_within(candidate, a) for a in allowed):
+    # Lexically inside (a symlinked folder of the user's) or inside once resolved (a symlinked root).
+    if any(is_within(candidate, a) or real_within(candidate, a) for a in allowed):
         return candidate
     if Path(spec.path).is_absolute() and not candidate.exists():
-        _stale_path(spec.path, yaml_path)
+        _stale_path(spec.path, yaml_path, log)
         return folder
     where = " or ".join(str(a) for a in allowed)
     raise DatasetError(
@@ -76,8 +78,8 @@ def _root(spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None) -> Path
     )
 
 
-def _stale_path(path: str, yaml_path: Path) -> None:
-    logger.bind(path=path, yaml=str(yaml_path)).warning(
+def _stale_path(path: str, yaml_path: Path, log: Any) -> None:
+    log.bind(path=path, yaml=str(yaml_path)).warning(
         "dataset YAML 'path' does not exist on this host; using the YAML's folder"
     )
 

@@ -18,7 +18,7 @@ from agent.datasets.refs import HttpRef, LocalRef, StorageRef, parse_dataset_ref
 from agent.datasets.remote import RemoteSource, SourceFactory
 from agent.datasets.spec import DatasetPlan
 from agent.datasets.sync import sync_remote
-from agent.datasets.workspace import build_workspace
+from agent.datasets.workspace import Built, build_workspace
 from agent.domain.errors import DatasetError
 from agent.domain.request import TrainingRequest
 from agent.ports import PreparedDataset
@@ -44,8 +44,8 @@ class DatasetPreparer:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        self.dataset_root = dataset_root
-        self.cache_root = cache_root
+        self.dataset_root = dataset_root.absolute() if dataset_root is not None else None
+        self.cache_root = cache_root.absolute()
         self.concurrency = concurrency
         self.retry = retry or RetryPolicy()
         self.offline = offline
@@ -57,6 +57,7 @@ class DatasetPreparer:
         self._sources: dict[str, SourceFactory] = {"http": http, **(sources or {})}
 
     async def prepare(self, request: TrainingRequest, run_id: str, workspace: Path) -> PreparedDataset:
+        """Build `<workspace>/dataset/` for the run; DatasetError with a message for the user."""
         ref = parse_dataset_ref(request.data_yaml, self.dataset_root, self.default_bucket)
         log = logger.bind(run_id=run_id, source=ref.display)
         try:
@@ -68,21 +69,29 @@ class DatasetPreparer:
         self, ref: LocalRef | HttpRef | StorageRef, request: TrainingRequest, workspace: Path, log: Any
     ) -> PreparedDataset:
         started = time.monotonic()
-        counts: dict[str, int] = {}
+        dataset_dir = workspace / WORKSPACE_DATASET
+
+        def build(plan: DatasetPlan) -> Callable[[threading.Event], Built]:
+            return lambda stop: build_workspace(plan, request.task, dataset_dir, log, stop)
+
         if isinstance(ref, LocalRef):
             dataset_root = self.dataset_root
-            plan = await _blocking(lambda stop: plan_local(ref.path, dataset_root, stop))
+            plan = await _blocking(lambda stop: plan_local(ref.path, dataset_root, log, stop))
+            built, counts = await _blocking(build(plan)), dict[str, int]()
         else:
-            plan, counts = await self._remote(ref, log)
-        dataset_dir = workspace / WORKSPACE_DATASET
-        built = await _blocking(lambda stop: build_workspace(plan, request.task, dataset_dir, log, stop))
+            built, counts = await self._remote(ref, build, log)
         summary = {**built.summary, **counts}
         log.bind(task=built.task, seconds=round(time.monotonic() - started, 2), **summary).info(
             "dataset workspace ready"
         )
         return PreparedDataset(yaml_path=built.yaml_path, task=built.task, summary=summary)
 
-    async def _remote(self, ref: HttpRef | StorageRef, log: Any) -> tuple[DatasetPlan, dict[str, int]]:
+    async def _remote(
+        self,
+        ref: HttpRef | StorageRef,
+        build: Callable[[DatasetPlan], Callable[[threading.Event], Built]],
+        log: Any,
+    ) -> tuple[Built, dict[str, int]]:
         factory = self._sources.get(ref.kind)
         if factory is None:
             raise DatasetError(
@@ -92,18 +101,19 @@ class DatasetPreparer:
         source = factory(ref)
         try:
             cache = DatasetCache(self.cache_root, source.cache_key)
-            fetcher = Fetcher(source, cache, self.retry, self.concurrency, log)
+            cache_log = log.bind(cache=str(cache.dir))
+            fetcher = Fetcher(source, cache, self.retry, self.concurrency, cache_log)
             started = time.monotonic()
-            plan, stats = await sync_remote(
-                source,
-                ref.yaml_name,
-                cache,
-                fetcher,
-                offline=self.offline,
-                log=log.bind(cache=str(cache.dir)),
-            )
-            log.bind(seconds=round(time.monotonic() - started, 2), **stats.as_dict()).info("dataset synced")
-            return plan, stats.as_dict()
+            # Held while the workspace links the cached files, so a concurrent sync cannot swap them midway.
+            async with cache.locked(cache_log):
+                plan, stats = await sync_remote(
+                    source, ref.yaml_name, cache, fetcher, offline=self.offline, log=cache_log
+                )
+                cache_log.bind(seconds=round(time.monotonic() - started, 2), **stats.as_dict()).info(
+                    "dataset synced"
+                )
+                built = await _blocking(build(plan))
+            return built, stats.as_dict()
         finally:
             await source.aclose()
 

@@ -16,7 +16,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.datasets.cache import DatasetCache, DownloadFailed, Fetcher, for_each
+from agent.datasets.aio import for_each
+from agent.datasets.cache import DatasetCache, DownloadFailed, Fetcher
 from agent.datasets.paths import join_rel
 from agent.datasets.remote import ListingUnavailable, RemoteFile, RemoteNotFound, RemoteSource
 from agent.datasets.spec import (
@@ -69,51 +70,48 @@ class _Index:
 async def sync_remote(
     source: RemoteSource, yaml_name: str, cache: DatasetCache, fetcher: Fetcher, *, offline: bool, log: Any
 ) -> tuple[DatasetPlan, SyncStats]:
-    """The dataset's plan, every file it names present in the cache."""
+    """The dataset's plan, every file it names present in the cache; the caller holds the cache lock."""
     stats = SyncStats()
-    async with cache.locked(log):
-        previous = await asyncio.to_thread(cache.read_marker)
-        if offline and previous is not None:
-            log.info("offline: using the cached dataset")
-            return await _from_marker(source, cache, previous, stats)
-        try:
-            await fetcher.fetch(yaml_name)
-        except RemoteNotFound as exc:
-            raise DatasetError(f"dataset YAML not found: {source.describe(yaml_name)}") from exc
-        except DownloadFailed as exc:
-            if previous is None:
-                raise
-            log.bind(error=str(exc)).warning(
-                "dataset source unreachable; using the cache of its last complete download"
-            )
-            return await _from_marker(source, cache, previous, stats)
-        await asyncio.to_thread(cache.clear_marker)
-        text = await asyncio.to_thread(_read_text, cache, yaml_name)
-        spec = load_spec(text, source.describe(yaml_name))
-        index = await _index(source, spec, yaml_name, fetcher, previous)
-        await _download(index, cache, fetcher, previous, stats)
-        files = await asyncio.to_thread(_sizes, cache, index)
-        content = {
-            "yaml": yaml_name,
-            "root": index.root,
-            "splits": {
-                k: {"images": list(v.images), "directory": v.directory} for k, v in index.splits.items()
-            },
-            "labels": sorted(index.labels),
-            "absent": sorted(index.absent),
-            "files": files,
-            "source": source.describe(yaml_name),
-        }
-        await asyncio.to_thread(cache.write_marker, content)
-        stats.downloaded, stats.bytes = fetcher.downloaded, fetcher.bytes
-        plan = DatasetPlan(
-            root=cache.files / index.root if index.root else cache.files,
-            spec=spec,
-            splits=index.splits,
-            labels=frozenset(index.labels),
-            source=source.describe(yaml_name),
+    previous = await asyncio.to_thread(cache.read_marker)
+    if offline and previous is not None:
+        log.info("offline: using the cached dataset")
+        return await _from_marker(source, cache, previous, stats)
+    try:
+        await fetcher.fetch(yaml_name)
+    except RemoteNotFound as exc:
+        raise DatasetError(f"dataset YAML not found: {source.describe(yaml_name)}") from exc
+    except DownloadFailed as exc:
+        if previous is None:
+            raise
+        log.bind(error=str(exc)).warning(
+            "dataset source unreachable; using the cache of its last complete download"
         )
-        return plan, stats
+        return await _from_marker(source, cache, previous, stats)
+    await asyncio.to_thread(cache.clear_marker)
+    text = await asyncio.to_thread(_read_text, cache, yaml_name)
+    spec = load_spec(text, source.describe(yaml_name))
+    index = await _index(source, spec, yaml_name, fetcher, previous)
+    await _download(index, cache, fetcher, previous, stats)
+    files = await asyncio.to_thread(_sizes, cache, index, yaml_name)
+    content = {
+        "yaml": yaml_name,
+        "root": index.root,
+        "splits": {k: {"images": list(v.images), "directory": v.directory} for k, v in index.splits.items()},
+        "labels": sorted(index.labels),
+        "absent": sorted(index.absent),
+        "files": files,
+        "source": source.describe(yaml_name),
+    }
+    await asyncio.to_thread(cache.write_marker, content)
+    stats.downloaded, stats.bytes = fetcher.downloaded, fetcher.bytes
+    plan = DatasetPlan(
+        root=cache.files / index.root if index.root else cache.files,
+        spec=spec,
+        splits=index.splits,
+        labels=frozenset(index.labels),
+        source=source.describe(yaml_name),
+    )
+    return plan, stats
 
 
 def remote_root(path: str | None, where: str) -> str:
@@ -135,6 +133,10 @@ async def _index(
     where = source.describe(yaml_name)
     index = _Index(root=remote_root(spec.path, where))
     manifest = await _manifest(fetcher)
+    for f in manifest or []:
+        inside = _inside(index.root, f.path)
+        if inside is not None and f.path.endswith(".txt"):
+            index.listed.add(inside)
     old_absent = set(previous.get("absent", [])) if previous and previous.get("root") == index.root else set()
     for name, entries in spec.splits.items():
         images: list[str] = []
@@ -324,8 +326,9 @@ def _read_text(cache: DatasetCache, rel: str) -> str:
         raise DatasetError(f"{rel} is not UTF-8 text") from exc
 
 
-def _sizes(cache: DatasetCache, index: _Index) -> dict[str, int]:
-    sizes: dict[str, int] = {}
+def _sizes(cache: DatasetCache, index: _Index, yaml_name: str) -> dict[str, int]:
+    # The YAML is listed too: a cache reused offline must hold the YAML its plan was made from.
+    sizes: dict[str, int] = {yaml_name: os.stat(cache.files / yaml_name).st_size}
     prefix = f"{index.root}/" if index.root else ""
     rels = [prefix + i for s in index.splits.values() for i in s.images] + [
         prefix + lbl for lbl in index.labels

@@ -48,17 +48,34 @@ def build_workspace(
     dataset_dir.mkdir(parents=True)
 
     images = list(dict.fromkeys(i for split in plan.splits.values() for i in split.images))
-    labels = {image: label_for(image) for image in images}
-    present = _present_labels(plan, set(labels.values()))
-    if not present:
-        raise DatasetError(f"no labels found for {len(images)} images: {plan.source}")
-    chosen: Task = task if task is not None else _infer(plan, present, stop)
+    folders = _Folders(dataset_dir)
+    linked = copied = 0
+    missing: set[str] = set()
+    for image in images:
+        _check(stop)
+        result = _place(plan.root / image, folders.ready(dataset_dir / image, "image"))
+        if result is None:
+            missing.add(image)
+        elif result:
+            linked += 1
+        else:
+            copied += 1
+    if missing:
+        log.bind(missing=len(missing), first=sorted(missing)[0]).warning("listed images not found; skipped")
+    images = [i for i in images if i not in missing]
 
+    present = _present_labels(plan, {label_for(image) for image in images})
+    if not present:
+        raise DatasetError(
+            f"no labels found: none of the {len(images)} images has a label file "
+            f"(labels/…/name.txt for images/…/name.jpg): {plan.source}"
+        )
+    chosen: Task = task if task is not None else _infer(plan, present, stop)
     stats = LabelStats()
     examples: list[str] = []
     for label in sorted(present):
         _check(stop)
-        stats.add(_write_label(plan, label, dataset_dir, chosen, examples))
+        stats.add(_write_label(plan, label, folders, chosen, examples))
     if stats.kept == 0:
         raise DatasetError(
             f"no labels found: {stats.files} label files hold no valid annotation "
@@ -68,27 +85,13 @@ def build_workspace(
     if examples:
         log.bind(examples=examples).warning("invalid label lines dropped")
 
-    linked = copied = 0
-    missing: set[str] = set()
-    for image in images:
-        _check(stop)
-        result = _place(plan.root / image, dataset_dir / image, dataset_dir)
-        if result is None:
-            missing.add(image)
-        elif result:
-            linked += 1
-        else:
-            copied += 1
-    if missing:
-        log.bind(missing=len(missing), first=sorted(missing)[0]).warning("listed images not found; skipped")
-
     entries = _split_entries(plan, dataset_dir, missing, log)
     yaml_path = dataset_dir / YAML_NAME
     doc = workspace_yaml(plan.spec, dataset_dir, entries)
     yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
     summary = {
-        "images": len(images) - len(missing),
+        "images": len(images),
         "labels": len(present),
         "instances": stats.kept,
         "converted": stats.converted,
@@ -120,15 +123,32 @@ def _infer(plan: DatasetPlan, labels: set[str], stop: threading.Event | None) ->
     return infer_task(boxes, polygons)
 
 
+class _Folders:
+    """Workspace folders, created and checked once each (no symlink out of the workspace on the way)."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.checked: set[Path] = {top}
+
+    def ready(self, dest: Path, what: str) -> Path:
+        parent = dest.parent
+        if parent not in self.checked:
+            ensure_inside(dest, self.top, what)
+            parent.mkdir(parents=True, exist_ok=True)
+            ensure_inside(dest, self.top, what)
+            self.checked.add(parent)
+        return dest
+
+
 def _write_label(
-    plan: DatasetPlan, label: str, dataset_dir: Path, task: Task, examples: list[str]
+    plan: DatasetPlan, label: str, folders: _Folders, task: Task, examples: list[str]
 ) -> LabelStats:
     result = normalize_text(_read(plan.root / label), task, plan.spec.nc)
     for drop in result.dropped[: _MAX_EXAMPLES - len(examples)]:
         examples.append(f"{label}:{drop.line_no} {drop.reason}: {drop.text}")
-    dest = dataset_dir / label
-    ensure_inside(dest, dataset_dir, "label")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = folders.ready(folders.top / label, "label")
+    if dest.is_symlink():
+        raise DatasetError(f"label: {dest} is a symbolic link")
     dest.write_text(result.text, encoding="utf-8")
     return result.stats
 
@@ -140,12 +160,10 @@ def _read(path: Path) -> str:
         raise DatasetError(f"cannot read label file {path}: {exc}") from exc
 
 
-def _place(src: Path, dest: Path, dataset_dir: Path) -> bool | None:
+def _place(src: Path, dest: Path) -> bool | None:
     """Hard-link `src` to `dest` (True), copy it (False), or None when `src` is missing."""
-    ensure_inside(dest, dataset_dir, "image")
     if dest.exists():
         return True
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         if _jpeg_without_end_marker(src):
             # Ultralytics re-saves such JPEGs in place; a hard link would let it rewrite the user's file.

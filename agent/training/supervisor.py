@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -69,6 +70,7 @@ class ChildTrainer:
         self._module = module
 
     async def start(self, job: TrainJob) -> ChildProcess:
+        job = _absolute(job)
         job.workspace.mkdir(parents=True, exist_ok=True)
         job_path = write_job(job, offline=self._offline)
         log_path = job.workspace / CHILD_LOG
@@ -105,15 +107,20 @@ class ChildTrainer:
         finally:
             # Only the child may hold the write end, so the pipe closes when the child's group is gone.
             os.close(write_fd)
-        child = ChildProcess(
-            proc,
-            log_path,
-            log_offset=log_offset,
-            run_id=job.run_id,
-            stop_grace=self._stop_grace,
-            kill_grace=self._kill_grace,
-        )
-        await child._open(read_fd)
+        try:
+            child = ChildProcess(
+                proc,
+                log_path,
+                log_offset=log_offset,
+                run_id=job.run_id,
+                stop_grace=self._stop_grace,
+                kill_grace=self._kill_grace,
+            )
+            await child._open(read_fd)
+        except BaseException:
+            # Nobody would supervise it: take the whole group down before giving up.
+            signal_group(proc.pid, signal.SIGKILL)
+            raise
         child.log.info("trainer child started", trainer=job.request.trainer, workspace=str(job.workspace))
         return child
 
@@ -238,6 +245,9 @@ class ChildProcess:
         returncode = await self._proc.wait()
         if self._proc.stdin is not None:
             self._proc.stdin.close()
+            # Lets the subprocess transport finish closing while the loop still runs.
+            with contextlib.suppress(OSError):
+                await self._proc.stdin.wait_closed()
         if group_alive(self._pgid):
             self.log.info("killing what is left of the trainer's process group", returncode=returncode)
             signal_group(self._pgid, signal.SIGKILL)
@@ -284,6 +294,19 @@ class ChildProcess:
                 read.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await read
+
+
+def _absolute(job: TrainJob) -> TrainJob:
+    """The job with absolute paths: the child starts elsewhere and then works in the workspace."""
+    dataset = job.dataset
+    if dataset is not None:
+        dataset = replace(dataset, yaml_path=dataset.yaml_path.resolve())
+    return replace(
+        job,
+        workspace=job.workspace.resolve(),
+        dataset=dataset,
+        resume_from=None if job.resume_from is None else job.resume_from.resolve(),
+    )
 
 
 async def _readline(reader: asyncio.StreamReader) -> bytes | None:

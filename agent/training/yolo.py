@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,10 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     import torch
 
     device, note = pick_device(job.request.device, torch.cuda.is_available())
+    if "," in device:
+        # Ultralytics runs multi-GPU training in its own torch.distributed subprocesses, where
+        # these callbacks do not run.
+        note = "multi-GPU (DDP) training: no per-batch progress; a stop is enforced by signals"
     if note:
         print(note, file=sys.stderr, flush=True)
 
@@ -79,11 +83,11 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     for event, callback in reporter.callbacks().items():
         model.add_callback(event, callback)
     model.train(**train_arguments(job, device))
-    control.check()
+    # A stop that comes after the last validation is too late to save anything: report Done.
     reporter.done()
 
 
-def prepare_offline(workspace: Path, environ: os._Environ[str] | dict[str, str]) -> Path:
+def prepare_offline(workspace: Path, environ: MutableMapping[str, str]) -> Path:
     """Set the offline switches in `environ` and return a config dir seeded with the plot fonts.
 
     Must run before ultralytics is imported: it reads these at import time. An operator's
@@ -183,8 +187,9 @@ def _guard_amp_check(offline: bool) -> None:
     import ultralytics.engine.trainer as engine
     from ultralytics.utils import WEIGHTS_DIR, checks
 
-    if getattr(engine.__dict__["check_amp"], "_saturnos_guard", False):
-        return
+    current = engine.__dict__.get("check_amp")
+    if current is None or getattr(current, "_saturnos_guard", False):
+        return  # already guarded, or a version that checks AMP elsewhere
     real_check: Callable[[Any], bool] = checks.check_amp
 
     def check_amp(model: Any) -> bool:

@@ -27,6 +27,8 @@ JPEG = b"\xff\xd8\xff\xe0" + bytes(range(64)) + b"\xff\xd9"
 def jpeg(tag: str) -> bytes:
     """A distinct, complete JPEG-looking file."""
     return JPEG[:-2] + tag.encode() + JPEG[-2:]
+
+
 FAST_RETRY = RetryPolicy(attempts=4, initial=0.005, maximum=0.02)
 
 Listing = Literal["nginx", "json", "none"]
@@ -86,9 +88,9 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
 
 @pytest.fixture
 def preparer_for(tmp_path: Path) -> Callable[..., DatasetPreparer]:
-    def make(dataset_root: Path | None = None, **kwargs: Any) -> DatasetPreparer:
+    def make(dataset_root: Path | None = None, concurrency: int = 4, **kwargs: Any) -> DatasetPreparer:
         kwargs.setdefault("retry", FAST_RETRY)
-        return DatasetPreparer(dataset_root, tmp_path / "cache", 4, **kwargs)
+        return DatasetPreparer(dataset_root, tmp_path / "cache", concurrency, **kwargs)
 
     return make
 
@@ -108,7 +110,9 @@ class DatasetServer:
     def file_requests(self) -> int:
         """GETs of images and labels (not the YAML, lists, manifest or folder listings)."""
         return sum(
-            n for p, n in self.requests.items() if not p.endswith("/") and ("/images/" in p or "/labels/" in p)
+            n
+            for p, n in self.requests.items()
+            if not p.endswith("/") and ("/images/" in p or "/labels/" in p)
         )
 
     async def handle(self, req: web.Request) -> web.StreamResponse:

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
+from loguru import logger
 
 import agent.datasets.workspace as workspace_module
 from agent.datasets import DatasetPreparer
 from agent.domain.errors import DatasetError
-from tests.datasets.conftest import JPEG, basic_dataset, jpeg, data_yaml, request, snapshot, write_tree
+from tests.datasets.conftest import JPEG, basic_dataset, data_yaml, jpeg, request, snapshot, write_tree
 
 Preparers = Callable[..., DatasetPreparer]
 
@@ -30,8 +31,19 @@ async def test_local_dataset_end_to_end(tmp_path: Path, preparer_for: Preparers)
     assert prepared.yaml_path == ds / "data.yaml"
     assert prepared.task == "detect"
     doc = yaml.safe_load(prepared.yaml_path.read_text())
-    assert doc == {"path": str(ds), "train": "images/train", "val": "images/val", "names": ["cat", "dog"], "nc": 2}
-    for rel in ("images/train/a.jpg", "images/train/b.jpg", "images/train/background.jpg", "images/val/c.jpg"):
+    assert doc == {
+        "path": str(ds),
+        "train": "images/train",
+        "val": "images/val",
+        "names": ["cat", "dog"],
+        "nc": 2,
+    }
+    for rel in (
+        "images/train/a.jpg",
+        "images/train/b.jpg",
+        "images/train/background.jpg",
+        "images/val/c.jpg",
+    ):
         assert os.path.samefile(ds / rel, src / rel), rel  # hard links
     assert (ds / "labels/train/a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"
     assert (ds / "labels/train/b.txt").read_text() == "1 0.25 0.3 0.3 0.4\n"  # polygon → box
@@ -45,6 +57,20 @@ async def test_local_dataset_end_to_end(tmp_path: Path, preparer_for: Preparers)
     assert summary["dropped"] == 0
     assert summary["background"] == 1
     assert summary["linked"] == 4
+
+
+async def test_counts_are_logged_with_bound_fields(tmp_path: Path, preparer_for: Preparers) -> None:
+    records: list[Any] = []
+    sink = logger.add(lambda m: records.append(m.record), level="INFO")
+    try:
+        yaml_path = basic_dataset(tmp_path / "proj")
+        await preparer_for().prepare(request(str(yaml_path)), "run-7", tmp_path / "ws")
+    finally:
+        logger.remove(sink)
+    normalized = next(r for r in records if r["message"] == "labels normalized")
+    extra = normalized["extra"]
+    assert (extra["run_id"], extra["source"]) == ("run-7", str(yaml_path))
+    assert (extra["kept"], extra["converted"], extra["dropped"], extra["task"]) == (3, 1, 0, "detect")
 
 
 async def test_segment_task_turns_boxes_into_polygons(tmp_path: Path, preparer_for: Preparers) -> None:
@@ -92,21 +118,26 @@ async def test_relative_to_dataset_root(tmp_path: Path, preparer_for: Preparers)
 async def test_yaml_path_into_dataset_root_is_allowed(tmp_path: Path, preparer_for: Preparers) -> None:
     root = tmp_path / "root"
     basic_dataset(root / "proj")
-    write_tree(root / "configs", {"proj.yaml": data_yaml(path="../proj", train="images/train", val="images/val")})
+    write_tree(
+        root / "configs", {"proj.yaml": data_yaml(path="../proj", train="images/train", val="images/val")}
+    )
     prepared = await preparer_for(root).prepare(request("configs/proj.yaml"), "r", tmp_path / "ws")
     assert prepared.summary["images"] == 4
 
 
+@pytest.mark.parametrize("path", ["/home/someone/exported/proj", "C:\\Users\\someone\\proj"])
 async def test_stale_absolute_path_from_another_machine_falls_back_to_the_yaml_folder(
-    tmp_path: Path, preparer_for: Preparers
+    tmp_path: Path, preparer_for: Preparers, path: str
 ) -> None:
-    yaml_path = basic_dataset(tmp_path / "proj", path="/home/someone/exported/proj")
+    yaml_path = basic_dataset(tmp_path / "proj", path=path)
     prepared = await preparer_for().prepare(request(str(yaml_path)), "r", tmp_path / "ws")
     assert prepared.summary["images"] == 4
 
 
 @pytest.mark.parametrize("path", ["/etc", "../../outside", ".."])
-async def test_yaml_path_outside_the_dataset_is_rejected(tmp_path: Path, preparer_for: Preparers, path: str) -> None:
+async def test_yaml_path_outside_the_dataset_is_rejected(
+    tmp_path: Path, preparer_for: Preparers, path: str
+) -> None:
     (tmp_path / "outside").mkdir()
     yaml_path = basic_dataset(tmp_path / "a" / "proj", path=path)
     with pytest.raises(DatasetError, match="points outside the dataset folder"):
@@ -121,7 +152,9 @@ async def test_yaml_path_outside_the_dataset_is_rejected(tmp_path: Path, prepare
         ("images/nope", "not found"),
     ],
 )
-async def test_split_entries_stay_inside(tmp_path: Path, preparer_for: Preparers, train: str, message: str) -> None:
+async def test_split_entries_stay_inside(
+    tmp_path: Path, preparer_for: Preparers, train: str, message: str
+) -> None:
     yaml_path = basic_dataset(tmp_path / "proj", train=train)
     with pytest.raises(DatasetError, match=message):
         await preparer_for().prepare(request(str(yaml_path)), "r", tmp_path / "ws")
@@ -133,7 +166,9 @@ async def test_list_file_splits(tmp_path: Path, preparer_for: Preparers) -> None
     write_tree(
         src,
         {
-            "lists/train.txt": "../images/train/a.jpg\n# a comment\n\n../images/train/b.jpg\n../images/train/gone.jpg\n",
+            "lists/train.txt": (
+                "../images/train/a.jpg\n# a comment\n\n../images/train/b.jpg\n../images/train/gone.jpg\n"
+            ),
             "val.txt": "./images/val/c.jpg\n",
         },
     )
@@ -141,7 +176,10 @@ async def test_list_file_splits(tmp_path: Path, preparer_for: Preparers) -> None
     ds = tmp_path / "ws" / "dataset"
     doc = yaml.safe_load(prepared.yaml_path.read_text())
     assert doc["train"] == ".splits/train.txt"
-    assert (ds / doc["train"]).read_text().splitlines() == [str(ds / "images/train/a.jpg"), str(ds / "images/train/b.jpg")]
+    assert (ds / doc["train"]).read_text().splitlines() == [
+        str(ds / "images/train/a.jpg"),
+        str(ds / "images/train/b.jpg"),
+    ]
     assert (ds / doc["val"]).read_text().splitlines() == [str(ds / "images/val/c.jpg")]
     assert prepared.summary["missing_images"] == 1
     assert prepared.summary["images"] == 3
@@ -174,7 +212,7 @@ async def test_roboflow_layout(tmp_path: Path, preparer_for: Preparers) -> None:
 
 
 async def test_missing_yaml(tmp_path: Path, preparer_for: Preparers) -> None:
-    with pytest.raises(DatasetError, match="dataset YAML not found: .*nope.yaml"):
+    with pytest.raises(DatasetError, match=r"dataset YAML not found: .*nope\.yaml"):
         await preparer_for().prepare(request(str(tmp_path / "nope.yaml")), "r", tmp_path / "ws")
 
 
@@ -202,7 +240,11 @@ async def test_no_label_files(tmp_path: Path, preparer_for: Preparers) -> None:
     src = tmp_path / "proj"
     write_tree(
         src,
-        {"images/train/a.jpg": JPEG, "images/val/b.jpg": JPEG, "data.yaml": data_yaml(train="images/train", val="images/val")},
+        {
+            "images/train/a.jpg": JPEG,
+            "images/val/b.jpg": JPEG,
+            "data.yaml": data_yaml(train="images/train", val="images/val"),
+        },
     )
     with pytest.raises(DatasetError, match="no labels found"):
         await preparer_for().prepare(request(str(src / "data.yaml")), "r", tmp_path / "ws")
@@ -211,8 +253,10 @@ async def test_no_label_files(tmp_path: Path, preparer_for: Preparers) -> None:
 async def test_only_empty_or_invalid_labels(tmp_path: Path, preparer_for: Preparers) -> None:
     src = tmp_path / "proj"
     basic_dataset(src)
-    write_tree(src, {"labels/train/a.txt": "", "labels/train/b.txt": "7 0.5 0.5 0.1 0.1\n", "labels/val/c.txt": "\n"})
-    with pytest.raises(DatasetError, match="no labels found.*1 invalid lines dropped"):
+    write_tree(
+        src, {"labels/train/a.txt": "", "labels/train/b.txt": "7 0.5 0.5 0.1 0.1\n", "labels/val/c.txt": "\n"}
+    )
+    with pytest.raises(DatasetError, match=r"no labels found.*1 invalid lines dropped"):
         await preparer_for().prepare(request(str(src / "data.yaml")), "r", tmp_path / "ws")
 
 
@@ -224,13 +268,14 @@ async def test_invalid_lines_dropped_in_the_workspace_only(tmp_path: Path, prepa
     before = snapshot(src)
     prepared = await preparer_for().prepare(request(str(src / "data.yaml")), "r", tmp_path / "ws")
     assert snapshot(src) == before
-    assert (tmp_path / "ws/dataset/labels/train/a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n0 0.977 0.5 0.046 0.1\n"
+    written = (tmp_path / "ws/dataset/labels/train/a.txt").read_text()
+    assert written == "0 0.5 0.5 0.2 0.2\n0 0.977 0.5 0.046 0.1\n"
     assert prepared.summary["dropped"] == 4
     assert prepared.summary["clipped"] == 1
 
 
 async def test_truncated_jpeg_is_copied_not_linked(tmp_path: Path, preparer_for: Preparers) -> None:
-    # Ultralytics re-saves a JPEG without its end marker in place; through a hard link that is the user's file.
+    # Ultralytics re-saves a JPEG lacking its end marker in place: through a hard link, the user's file.
     src = tmp_path / "proj"
     basic_dataset(src)
     (src / "images/train/a.jpg").write_bytes(JPEG[:-2])
@@ -247,7 +292,7 @@ async def test_images_are_copied_when_links_are_impossible(
     def cross_device(src: Any, dst: Any, **kwargs: Any) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(workspace_module.os, "link", cross_device)
+    monkeypatch.setattr(os, "link", cross_device)
     yaml_path = basic_dataset(tmp_path / "proj")
     prepared = await preparer_for().prepare(request(str(yaml_path)), "r", tmp_path / "ws")
     assert (prepared.summary["linked"], prepared.summary["copied"]) == (0, 4)
@@ -271,6 +316,19 @@ async def test_symlinked_image_folder_is_followed_without_symlinks_in_the_worksp
     assert prepared.summary["images"] == 4
 
 
+async def test_yaml_path_may_be_a_symlinked_folder_inside_the_dataset(
+    tmp_path: Path, preparer_for: Preparers
+) -> None:
+    basic_dataset(tmp_path / "nas" / "proj")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "data").symlink_to(tmp_path / "nas" / "proj")
+    write_tree(
+        tmp_path / "proj", {"data.yaml": data_yaml(path="data", train="images/train", val="images/val")}
+    )
+    prepared = await preparer_for().prepare(request(str(tmp_path / "proj/data.yaml")), "r", tmp_path / "ws")
+    assert prepared.summary["images"] == 4
+
+
 async def test_second_attempt_rebuilds_the_workspace(tmp_path: Path, preparer_for: Preparers) -> None:
     src = tmp_path / "proj"
     basic_dataset(src)
@@ -288,7 +346,7 @@ async def test_filesystem_work_runs_off_the_event_loop(
     tmp_path: Path, preparer_for: Preparers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[threading.Thread] = []
-    original = workspace_module.normalize_text
+    original = workspace_module.normalize_text  # type: ignore[attr-defined]
 
     def spy(*args: Any) -> Any:
         threads.append(threading.current_thread())

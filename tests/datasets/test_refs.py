@@ -9,7 +9,9 @@ from agent.domain.errors import DatasetError
 
 
 def test_absolute_path_is_local(tmp_path: Path) -> None:
-    assert parse_dataset_ref("  /mnt/d/datasets/p/data.yaml ", None) == LocalRef(Path("/mnt/d/datasets/p/data.yaml"))
+    assert parse_dataset_ref("  /mnt/d/datasets/p/data.yaml ", None) == LocalRef(
+        Path("/mnt/d/datasets/p/data.yaml")
+    )
 
 
 def test_relative_path_resolves_under_dataset_root() -> None:
@@ -29,7 +31,9 @@ def test_relative_path_needs_dataset_root() -> None:
 
 
 def test_file_url_is_local() -> None:
-    assert parse_dataset_ref("file:///srv/my%20data/data.yaml", None) == LocalRef(Path("/srv/my data/data.yaml"))
+    assert parse_dataset_ref("file:///srv/my%20data/data.yaml", None) == LocalRef(
+        Path("/srv/my data/data.yaml")
+    )
 
 
 def test_http_url() -> None:
@@ -59,7 +63,9 @@ def test_storage_uri() -> None:
 
 
 def test_storage_uri_without_bucket_uses_the_default_bucket() -> None:
-    assert parse_dataset_ref("storage:data.yaml", None, default_bucket="sets") == StorageRef("sets", "data.yaml", "uri")
+    assert parse_dataset_ref("storage:data.yaml", None, default_bucket="sets") == StorageRef(
+        "sets", "data.yaml", "uri"
+    )
 
 
 def test_storage_uri_may_not_climb_out() -> None:
@@ -72,7 +78,10 @@ def test_storage_uri_may_not_climb_out() -> None:
     [
         ("https://abc.supabase.co/storage/v1/object/public/datasets/p/my%20set/data.yaml", "public"),
         ("https://abc.supabase.co/storage/v1/object/sign/datasets/p/my%20set/data.yaml?token=eyJ", "sign"),
-        ("https://abc.supabase.co/storage/v1/object/authenticated/datasets/p/my%20set/data.yaml", "authenticated"),
+        (
+            "https://abc.supabase.co/storage/v1/object/authenticated/datasets/p/my%20set/data.yaml",
+            "authenticated",
+        ),
         ("https://abc.supabase.co/storage/v1/object/datasets/p/my%20set/data.yaml", "authenticated"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -67,10 +68,8 @@ class Faults:
         if self._subscribed_released.is_set():
             return
         delay = self._subscribed_delay
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed_released.wait(), timeout=delay)
-        except TimeoutError:
-            pass
 
     # HTTP services ----------------------------------------------------------------------------
 

@@ -39,11 +39,15 @@ class V1Serializer:
     """Phoenix.Socket.V1.JSONSerializer: objects with topic, event, payload, ref."""
 
     def encode(self, frame: Frame) -> str:
-        return json.dumps({"topic": frame.topic, "event": frame.event, "payload": frame.payload, "ref": frame.ref})
+        return json.dumps(
+            {"topic": frame.topic, "event": frame.event, "payload": frame.payload, "ref": frame.ref}
+        )
 
     def decode(self, text: str) -> Frame:
         msg = json.loads(text)
-        return Frame(msg["topic"], msg["event"], msg.get("payload") or {}, msg.get("ref"), msg.get("join_ref"))
+        return Frame(
+            msg["topic"], msg["event"], msg.get("payload") or {}, msg.get("ref"), msg.get("join_ref")
+        )
 
 
 class V2Serializer:
@@ -83,7 +87,9 @@ class Channel:
         self.conn.push(Frame(self.topic, event, payload, ref, self.join_ref))
 
     def push_system(self, extension: str, status: str, message: str) -> None:
-        self.push("system", {"channel": self.name, "extension": extension, "status": status, "message": message})
+        self.push(
+            "system", {"channel": self.name, "extension": extension, "status": status, "message": message}
+        )
 
     def subscribe(self, work: Awaitable[None]) -> None:
         if self._task is not None:
@@ -116,6 +122,7 @@ class Connection:
         self._transport = transport
         self._faults = faults
         self._out: asyncio.Queue[str] = asyncio.Queue()
+        self._closing: asyncio.Future[bool] | None = None
         self._writer = asyncio.create_task(self._write())
 
     def push(self, frame: Frame) -> None:
@@ -123,7 +130,11 @@ class Connection:
             self._out.put_nowait(self.serializer.encode(frame))
 
     def reply(self, frame: Frame, status: str, response: dict[str, Any]) -> None:
-        self.push(Frame(frame.topic, "phx_reply", {"status": status, "response": response}, frame.ref, frame.join_ref))
+        self.push(
+            Frame(
+                frame.topic, "phx_reply", {"status": status, "response": response}, frame.ref, frame.join_ref
+            )
+        )
 
     async def _write(self) -> None:
         while True:
@@ -140,7 +151,7 @@ class Connection:
         if self._transport is not None:
             self._transport.abort()
         else:
-            asyncio.ensure_future(self.ws.close(code=WSCloseCode.ABNORMAL_CLOSURE))
+            self._closing = asyncio.ensure_future(self.ws.close(code=WSCloseCode.ABNORMAL_CLOSURE))
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -329,8 +340,8 @@ class Realtime:
                 found = {(str(s), str(t)) for s, t in await cur.fetchall()}
                 if not found:
                     raise SubscribeError(
-                        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled"
-                        f" for the given connect parameters: [{_params_to_log(binding)}]"
+                        "Unable to subscribe to changes with given parameters. Please check Realtime is"
+                        f" enabled for the given connect parameters: [{_params_to_log(binding)}]"
                     )
                 try:
                     for schema, table in sorted(found):
@@ -342,8 +353,8 @@ class Realtime:
                             )
                 except psycopg.Error as exc:
                     raise SubscribeError(
-                        "Unable to subscribe to changes with given parameters. An exception happened so please"
-                        f" check your connect parameters: [{_params_to_log(binding)}]."
+                        "Unable to subscribe to changes with given parameters. An exception happened so"
+                        f" please check your connect parameters: [{_params_to_log(binding)}]."
                         f" Exception: ERROR {exc.sqlstate} {exc.diag.message_primary}"
                     ) from exc
                 resolved.append(found)
@@ -375,7 +386,12 @@ class Realtime:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "select standin.filters_match(format('%%I.%%I', %s::text, %s::text)::regclass, %s, %s)",
-                [change.schema, change.table, Jsonb(change.record), Jsonb([f.as_row() for f in binding.filters])],
+                [
+                    change.schema,
+                    change.table,
+                    Jsonb(change.record),
+                    Jsonb([f.as_row() for f in binding.filters]),
+                ],
             )
             row = await cur.fetchone()
             await conn.rollback()

@@ -6,7 +6,21 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-FILTER_OPS = ("eq", "neq", "lt", "lte", "gt", "gte", "in", "like", "ilike", "is", "match", "imatch", "isdistinct")
+FILTER_OPS = (
+    "eq",
+    "neq",
+    "lt",
+    "lte",
+    "gt",
+    "gte",
+    "in",
+    "like",
+    "ilike",
+    "is",
+    "match",
+    "imatch",
+    "isdistinct",
+)
 
 
 class ParamsError(Exception):
@@ -58,7 +72,13 @@ def parse_binding(params: Any) -> Binding:
     if isinstance(event, str) and event.upper() in ("INSERT", "UPDATE", "DELETE"):
         action = event.upper()
     binding = Binding(
-        params=params, id=binding_id(params), event=action, schema="public", table="*", filters=[], select=None
+        params=params,
+        id=binding_id(params),
+        event=action,
+        schema="public",
+        table="*",
+        filters=[],
+        select=None,
     )
     try:
         schema, table, filters = _target(params)
@@ -91,12 +111,14 @@ def _select(params: dict[str, Any], schema: str, table: str) -> list[str] | None
         return None
     if isinstance(cols, str):
         raise ParamsError(
-            'Error parsing `select` params: expected a list of column name strings, e.g. select: ["col1", "col2"]'
+            "Error parsing `select` params: expected a list of column name strings,"
+            ' e.g. select: ["col1", "col2"]'
         )
     names = [c for c in cols if isinstance(c, str)] if isinstance(cols, list) else []
     if names and (schema == "*" or table == "*"):
         raise ParamsError(
-            "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name."
+            "Column selection is not supported for wildcard subscriptions."
+            " Provide an explicit schema and table name."
         )
     return names or None
 

@@ -209,7 +209,9 @@ def parse_order(text: str) -> list[OrderTerm]:
             elif mod in ("nullsfirst", "nullslast"):
                 nulls = mod.removeprefix("nulls")
             else:
-                raise parse_error(f"order ({raw})", f'unexpected "{mod}" expecting "asc", "desc", "nullsfirst"')
+                raise parse_error(
+                    f"order ({raw})", f'unexpected "{mod}" expecting "asc", "desc", "nullsfirst"'
+                )
         terms.append(OrderTerm(fld, desc, nulls))
     return terms
 
@@ -228,7 +230,9 @@ def parse_condition(fld: Field, text: str, *, in_tree: bool = False) -> Conditio
         value = _unquote_value(value)
     if op == "is":
         if value.lower() not in IS_VALUES:
-            raise parse_error(f"filter ({op}.{value})", 'expecting "null", "not_null", "true", "false" or "unknown"')
+            raise parse_error(
+                f"filter ({op}.{value})", 'expecting "null", "not_null", "true", "false" or "unknown"'
+            )
         return Condition(fld, op, value.lower(), negate)
     if op not in OPERATORS:
         raise parse_error(f"filter ({op}.{value})", f'unknown operator "{op}"')

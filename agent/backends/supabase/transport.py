@@ -25,9 +25,12 @@ TRANSIENT_STATUS = frozenset({408, 425, 429})
 class ServerUnavailable(Exception):
     """A 5xx, 408 or 429 answer, raised by the response hook before any client parses the body."""
 
-    def __init__(self, status: int, method: str, url: str, body: str) -> None:
+    def __init__(
+        self, status: int, method: str, url: str, body: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} from {method} {url}: {body[:200]}")
         self.status = status
+        self.retry_after = retry_after
 
 
 async def _raise_unavailable(response: httpx.Response) -> None:
@@ -36,7 +39,21 @@ async def _raise_unavailable(response: httpx.Response) -> None:
     if response.status_code >= 500 or response.status_code in TRANSIENT_STATUS:
         await response.aread()
         request = response.request
-        raise ServerUnavailable(response.status_code, request.method, _redact(request.url), response.text)
+        raise ServerUnavailable(
+            response.status_code,
+            request.method,
+            _redact(request.url),
+            response.text,
+            _retry_after(response.headers.get("retry-after")),
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is rare from Supabase and ignored)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _redact(url: httpx.URL) -> str:

@@ -1,0 +1,125 @@
+"""Supabase backend: PostgREST store, Realtime events, Storage artifacts and datasets, one client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+from realtime import AsyncRealtimeClient
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from agent.backends.supabase.blobs import SupabaseBlobs
+from agent.backends.supabase.events import RealtimeFactory, SupabaseEvents, Tuning, hint_from_change
+from agent.backends.supabase.sources import StorageSource, storage_sources
+from agent.backends.supabase.store import SupabaseStore, parse_row
+from agent.backends.supabase.transport import ServerUnavailable, http_client
+from agent.config import Settings
+from agent.datasets.remote import SourceFactory
+from agent.domain.errors import BackendError
+from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
+
+__all__ = [
+    "ServerUnavailable",
+    "StorageSource",
+    "SupabaseBackends",
+    "SupabaseBlobs",
+    "SupabaseEvents",
+    "SupabaseStore",
+    "Tuning",
+    "connect_client",
+    "hint_from_change",
+    "open_supabase",
+    "parse_row",
+    "realtime_factory",
+    "storage_sources",
+]
+
+
+@dataclass
+class SupabaseBackends:
+    """The fields of agent.wiring.Backends, plus the Storage dataset sources for DatasetPreparer."""
+
+    store: RunStore
+    admin: RunAdmin
+    events: RunEvents
+    blobs: BlobStore
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    database_url: str | None = None
+    dataset_sources: Mapping[str, SourceFactory] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def connect_client(url: str, key: str, http: httpx.AsyncClient) -> AsyncClient:
+    """The supabase async client for a service-role key: no session, no token refresh, no client retries."""
+    options = AsyncClientOptions(
+        auto_refresh_token=False,
+        persist_session=False,
+        # The core owns the retry policy; PostgREST's own retry would hide outages behind 1-30 s sleeps.
+        postgrest_client_retry=False,
+        httpx_client=http,
+    )
+    return await acreate_client(url, key, options)
+
+
+def realtime_factory(
+    client: AsyncClient, *, timeout: int = 10, max_retries: int = 5, initial_backoff: float = 0.5
+) -> RealtimeFactory:
+    """Fresh realtime clients for the events supervisor, built as the supabase client builds its own."""
+
+    def make() -> AsyncRealtimeClient:
+        realtime = AsyncRealtimeClient(
+            str(client.realtime_url),
+            token=client.supabase_key,
+            auto_reconnect=True,
+            max_retries=max_retries,
+            initial_backoff=initial_backoff,
+            timeout=timeout,
+        )
+        client.realtime = realtime  # so that client.channel() and friends use the live one
+        return realtime
+
+    return make
+
+
+async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> SupabaseBackends:
+    """Connect, check the schema, make sure the artifacts bucket exists, and assemble the backends."""
+    url, key = settings.supabase_url, settings.supabase_service_role_key
+    if not url or not key:
+        raise BackendError("the supabase backend needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+    http = http_client()
+    try:
+        client = await connect_client(url, key, http)
+        store = SupabaseStore(client)
+        try:
+            await store.probe()
+        except BackendError as exc:
+            raise BackendError(
+                f"{exc}: apply the saturnos-agent schema (the SQL of `saturnos-agent migrate`) to the project"
+            ) from exc
+        blobs = SupabaseBlobs(
+            client.storage,
+            settings.supabase_artifacts_bucket,
+            settings.artifact_url_mode,
+            settings.signed_url_ttl,
+        )
+        await blobs.ensure_bucket()
+        events = SupabaseEvents(
+            realtime_factory(client), topic=f"saturnos-agent:{settings.worker_id}", tuning=tuning
+        )
+    except BaseException:
+        await http.aclose()
+        raise
+    return SupabaseBackends(
+        store=store,
+        admin=store,
+        events=events,
+        blobs=blobs,
+        closers=[http.aclose],
+        dataset_sources=storage_sources(client.storage, http, url),
+    )

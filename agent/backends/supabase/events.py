@@ -1,0 +1,529 @@
+"""RunEvents over Supabase Realtime `postgres_changes`, supervised because the stream has gaps.
+
+Known gaps of Realtime and of realtime-py 2.34.1, and what this module does about each:
+
+- Changes committed before the server's `system` "Subscribed to PostgreSQL" message are not
+  delivered, although the join was answered (SUBSCRIBED) earlier: the stream counts as healthy,
+  and `on_subscribed` (the core's catch-up poll) runs, on every such message, that is once per
+  (re)join, after the last change that could have been missed. A poll at SUBSCRIBED would run
+  too early to catch the changes of that window. A join that gets no such message within
+  `postgres_timeout` is rebuilt.
+- After `max_retries` failed reconnects the client gives up and stays silent with no socket
+  (realtime/_async/client.py `connect`, the `raise` after the retry loop, inside its listen task):
+  the supervisor rebuilds the whole client when the socket stays down past `reconnect_grace`.
+- A channel the server closes (`phx_close`) is removed and never rejoined (channel.py `on_close`),
+  and a join that keeps failing retries forever: the supervisor rebuilds the channel.
+- The client sends its heartbeats with `ref: null` and ignores the replies (client.py `_heartbeat`
+  and `_listen`, which routes frames by topic only), so a stalled socket goes unnoticed: the
+  supervisor sends its own `phoenix` heartbeats with refs, through a channel object registered
+  under the `phoenix` topic, and rebuilds the client when a reply is missing.
+- A callback that raises unwinds the client's listen task and stops all delivery
+  (client.py `_listen` calls `channel._handle_message` unguarded): every callback here catches
+  everything and only enqueues.
+
+Subscriptions have no server-side filter (support differs between server versions); changes are
+filtered here, as the postgres backend's trigger filters its NOTIFYs: an UPDATE is a hint when it
+changes status, cancel_requested, worker_id or started_at, and progress writes are not hints.
+`old_record` carries the old values only with `replica identity full`; without it, a progress
+write is recognised by its row image (see `is_progress_write`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from loguru import logger
+from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
+from realtime._async.push import AsyncPush
+from realtime.types import (
+    PHOENIX_CHANNEL,
+    ChannelEvents,
+    RealtimeAcknowledgementStatus,
+    RealtimePostgresChangesListenEvent,
+)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential_jitter,
+)
+
+from agent.domain.run import Hint, HintOp
+from agent.domain.status import RunStatus, is_claimable
+from agent.ports import HintSink
+
+RealtimeFactory = Callable[[], AsyncRealtimeClient]
+SUBSCRIBED_TO_POSTGRES = "Subscribed to PostgreSQL"
+_OPS: dict[str, HintOp] = {"INSERT": "INSERT", "UPDATE": "UPDATE", "DELETE": "DELETE"}
+
+
+_WATCHED = ("status", "cancel_requested", "worker_id", "started_at")
+_OWNED = frozenset({RunStatus.RUNNING.value, RunStatus.CANCELING.value})
+
+
+def _same_time(a: object, b: object) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return datetime.fromisoformat(str(a)) == datetime.fromisoformat(str(b))
+    except ValueError:
+        return str(a) == str(b)
+
+
+def _change_type(data: dict[str, Any]) -> str:
+    # realtime-py validates the payload: `type` arrives as a str enum, whose str() is its name.
+    kind = data.get("type")
+    return str(getattr(kind, "value", kind))
+
+
+def is_progress_write(payload: object) -> bool:
+    """An UPDATE that changed none of the columns agents act on (a heartbeat or progress write).
+
+    With the old row image (replica identity full) the columns are compared. Without it, an owned
+    run with no cancel request whose heartbeat differs from its start is a progress write: a claim
+    writes both stamps with one value, and any other change agents act on alters status or
+    cancel_requested.
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
+        return False
+    data = payload["data"]
+    record, old = data.get("record"), data.get("old_record")
+    if _change_type(data) != "UPDATE" or not isinstance(record, dict):
+        return False
+    if isinstance(old, dict) and all(key in old for key in _WATCHED):
+        return all(
+            _same_time(old.get(k), record.get(k)) if k == "started_at" else old.get(k) == record.get(k)
+            for k in _WATCHED
+        )
+    return (
+        record.get("status") == RunStatus.RUNNING.value
+        and record.get("worker_id") is not None
+        and record.get("cancel_requested") is not True
+        and record.get("started_at") is not None
+        and not _same_time(record.get("started_at"), record.get("heartbeat_at"))
+    )
+
+
+def hint_from_change(payload: object) -> Hint | None:
+    """A `postgres_changes` payload as a Hint, from the row image in `data.record`; None if unusable."""
+    if not isinstance(payload, dict):
+        return None
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        return None
+    op = _OPS.get(_change_type(data))
+    record = data.get("record") if op != "DELETE" else data.get("old_record")
+    if op is None or not isinstance(record, dict) or not record.get("id"):
+        return None
+    raw_status = record.get("status")
+    try:
+        status: RunStatus | None = RunStatus(str(raw_status))
+    except ValueError:
+        status = None
+    worker = record.get("worker_id")
+    cancel = record.get("cancel_requested")
+    return Hint(
+        run_id=str(record["id"]),
+        op=op,
+        claimable=op != "DELETE"
+        and is_claimable(
+            raw_status if isinstance(raw_status, str) else None,
+            record.get("started_at"),
+            worker if isinstance(worker, str) else None,
+            cancel if isinstance(cancel, bool) else None,
+        ),
+        cancel_requested=cancel is True,
+        worker_id=str(worker) if worker is not None else None,
+        status=status,
+    )
+
+
+class _ToLoguru(logging.Handler):
+    """realtime-py logs every failed reconnect at ERROR; the supervisor reports outages itself."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            logger.bind(library=record.name).debug(record.getMessage())
+
+
+def quiet_realtime_logging() -> None:
+    """Route realtime-py's stdlib logging to loguru at DEBUG (idempotent)."""
+    lib = logging.getLogger("realtime")
+    if not any(isinstance(h, _ToLoguru) for h in lib.handlers):
+        lib.addHandler(_ToLoguru())
+    lib.propagate = False
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Supervisor timings, in seconds."""
+
+    check_interval: float = 0.5  # how often the supervisor looks at the client's state
+    heartbeat_interval: float = 10.0  # own Phoenix heartbeats while subscribed
+    heartbeat_timeout: float = 10.0  # a missing reply within this rebuilds the client
+    reconnect_grace: float = 10.0  # the client's own reconnect may take this long
+    rejoin_grace: float = 15.0  # a channel not joined for this long is rebuilt
+    join_timeout: float = 15.0  # connect + phx_join + phx_reply
+    postgres_timeout: float = 20.0  # phx_reply to "Subscribed to PostgreSQL"
+    close_timeout: float = 3.0
+    initial_backoff: float = 0.5  # between rebuilds that did not get back to subscribed
+    max_backoff: float = 30.0
+    stable_after: float = 5.0  # subscribed this long: the next outage starts backoff afresh
+
+
+class _Rebuild(Exception):
+    def __init__(self, scope: str, reason: str) -> None:
+        super().__init__(reason)
+        self.scope = scope  # "client" or "channel"
+        self.reason = reason
+
+
+class _Stable(Exception):
+    """The stream went down after a stable period: rebuild at once, backoff from the start."""
+
+    def __init__(self, rebuild: _Rebuild) -> None:
+        super().__init__(rebuild.reason)
+        self.rebuild = rebuild
+
+
+class SupabaseEvents:
+    """Hints from one Realtime channel per agent, with a supervisor that keeps it subscribed."""
+
+    def __init__(
+        self,
+        make_client: RealtimeFactory,
+        *,
+        topic: str,
+        table: str = "training_runs",
+        schema: str = "public",
+        tuning: Tuning | None = None,
+    ) -> None:
+        self._make_client = make_client
+        self._topic = topic
+        self._table = table
+        self._schema = schema
+        self._t = tuning or Tuning()
+        self._healthy = False
+        self._log = logger.bind(topic=topic)
+        self._sink: HintSink = lambda hint: None
+        self._on_subscribed: Callable[[], None] = lambda: None
+        self._client: AsyncRealtimeClient | None = None
+        self._channel: AsyncRealtimeChannel | None = None
+        self._probe: AsyncRealtimeChannel | None = None
+        self._gen = 0  # callbacks of an older channel or client are ignored
+        self._subscribed = False  # the current channel's last status was SUBSCRIBED
+        self._subscribed_at = 0.0
+        self._postgres_ready = False  # "Subscribed to PostgreSQL" since that SUBSCRIBED
+        self._wake = asyncio.Event()
+        self._down_since: float | None = None  # start of the current outage (or of the startup)
+        self._ever_up = False
+        self._outage_logged = False
+        self._up_since: float | None = None
+        self._subscriptions = 0
+        self._probe_sent_at: float | None = None
+        self._probe_replied = True
+        self._probe_failed = False
+        self._probe_epoch = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def subscriptions(self) -> int:
+        """How many times changes started flowing ("Subscribed to PostgreSQL"), for logs and tests."""
+        return self._subscriptions
+
+    async def listen(self, sink: HintSink, on_subscribed: Callable[[], None]) -> None:
+        """Stream hints until cancelled; rebuilds the channel or the client, with backoff, when unhealthy."""
+        self._sink, self._on_subscribed = sink, on_subscribed
+        quiet_realtime_logging()
+        try:
+            while True:
+                # One AsyncRetrying per outage: a stream that was stable starts its backoff afresh.
+                try:
+                    async for attempt in AsyncRetrying(
+                        retry=retry_if_exception_type(_Rebuild),
+                        wait=wait_exponential_jitter(
+                            initial=self._t.initial_backoff,
+                            max=self._t.max_backoff,
+                            jitter=self._t.initial_backoff,
+                        ),
+                        stop=stop_never,
+                        before_sleep=self._rebuild,
+                        reraise=True,
+                    ):
+                        with attempt:
+                            await self._session()
+                except _Stable as stable:
+                    self._up_since = None
+                    await self._apply(stable.rebuild, attempt=0)
+        finally:
+            self._healthy = False
+            await self._close_client()
+
+    async def _session(self) -> None:
+        """Connect and join as needed, then watch; raises _Rebuild (or _Stable) when it goes down."""
+        if self._client is None:
+            await self._open_client()
+        if self._channel is None:
+            await self._join()
+        try:
+            await self._watch()
+        except _Rebuild as rebuild:
+            self._mark_down(rebuild.reason, failure=True)
+            stable = self._up_since is not None and time.monotonic() - self._up_since >= self._t.stable_after
+            if stable:
+                raise _Stable(rebuild) from rebuild
+            raise
+
+    async def _rebuild(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, _Rebuild):
+            self._up_since = None
+            self._mark_down(error.reason, failure=True)
+            await self._apply(error, attempt=state.attempt_number)
+
+    async def _apply(self, rebuild: _Rebuild, attempt: int) -> None:
+        self._log.bind(scope=rebuild.scope, attempt=attempt).debug("rebuilding: {}", rebuild.reason)
+        if rebuild.scope == "client":
+            await self._close_client()
+        else:
+            await self._drop_channel()
+
+    async def _open_client(self) -> None:
+        client = self._make_client()
+        self._client = client
+        self._gen += 1
+        probe = AsyncRealtimeChannel(client, PHOENIX_CHANNEL)
+        # Replies to heartbeats come on the `phoenix` topic; the client routes them to this channel,
+        # whose push/ack machinery then times our heartbeats.
+        client.channels[PHOENIX_CHANNEL] = probe
+        self._probe = probe
+        self._forget_heartbeat()
+        try:
+            async with asyncio.timeout(self._t.join_timeout):
+                await client.connect()
+        except TimeoutError as exc:
+            raise _Rebuild("client", "connect timed out") from exc
+        except Exception as exc:
+            raise _Rebuild("client", f"connect failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _join(self) -> None:
+        client = self._client
+        assert client is not None
+        self._gen += 1
+        gen = self._gen
+        self._subscribed = self._postgres_ready = False
+        channel = client.channel(self._topic)
+        if channel.is_joined or channel.is_joining:
+            raise _Rebuild("client", "a previous channel of this topic is still attached")
+        for event in (RealtimePostgresChangesListenEvent.Insert, RealtimePostgresChangesListenEvent.Update):
+            channel.on_postgres_changes(event, self._on_change, table=self._table, schema=self._schema)
+        channel.on_system(lambda payload: self._on_system(gen, payload))
+        self._channel = channel
+        try:
+            async with asyncio.timeout(self._t.join_timeout):
+                await channel.subscribe(lambda status, err: self._on_status(gen, status, err))
+        except TimeoutError as exc:
+            raise _Rebuild("client", "join timed out") from exc
+        except Exception as exc:
+            raise _Rebuild("client", f"join failed: {type(exc).__name__}: {exc}") from exc
+        if not self._subscribed:
+            raise _Rebuild("channel", f"join refused ({channel.state.value})")
+
+    async def _watch(self) -> None:
+        """Return never; raise _Rebuild when the stream is down past its grace period."""
+        client, channel = self._client, self._channel
+        assert client is not None and channel is not None
+        disconnected_at: float | None = None
+        unjoined_at: float | None = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._t.check_interval)
+            self._wake.clear()
+            now = time.monotonic()
+            if self._probe_failed:
+                raise _Rebuild("client", f"no heartbeat reply within {self._t.heartbeat_timeout:g}s")
+            if not client.is_connected:
+                self._mark_down("socket disconnected")
+                self._forget_heartbeat()
+                disconnected_at = disconnected_at or now
+                if now - disconnected_at >= self._t.reconnect_grace:
+                    raise _Rebuild("client", f"socket still down after {self._t.reconnect_grace:g}s")
+                continue
+            disconnected_at = None
+            if channel.is_closed or channel.is_leaving:
+                raise _Rebuild("channel", "channel closed by the server")
+            if not (channel.is_joined and self._subscribed):
+                self._mark_down(f"channel {channel.state.value}")
+                unjoined_at = unjoined_at or now
+                if now - unjoined_at >= self._t.rejoin_grace:
+                    raise _Rebuild("channel", f"channel not joined after {self._t.rejoin_grace:g}s")
+                continue
+            unjoined_at = None
+            if not self._postgres_ready:
+                self._mark_down("waiting for Subscribed to PostgreSQL")
+                if now - self._subscribed_at >= self._t.postgres_timeout:
+                    raise _Rebuild(
+                        "channel",
+                        f"no Subscribed to PostgreSQL within {self._t.postgres_timeout:g}s of the join",
+                    )
+            self._heartbeat(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """Send one of our own heartbeats when due; its reply or timeout lands in the callbacks."""
+        probe = self._probe
+        if probe is None or not self._probe_replied:
+            return
+        if self._probe_sent_at is not None and now - self._probe_sent_at < self._t.heartbeat_interval:
+            return
+        epoch = self._probe_epoch
+        push = AsyncPush(probe, ChannelEvents.heartbeat, {}, timeout=self._t.heartbeat_timeout)  # type: ignore[arg-type]
+        push.receive(RealtimeAcknowledgementStatus.Ok, lambda _: self._on_heartbeat(epoch, True))
+        push.receive(RealtimeAcknowledgementStatus.Error, lambda _: self._on_heartbeat(epoch, True))
+        push.receive(RealtimeAcknowledgementStatus.Timeout, lambda: self._on_heartbeat(epoch, False))
+        self._probe_sent_at, self._probe_replied = now, False
+        # In a task: a send on a dead socket makes the client reconnect inside the sending task.
+        self._spawn(push.send())
+
+    def _forget_heartbeat(self) -> None:
+        """A heartbeat sent on a socket that dropped says nothing about the next one."""
+        self._probe_epoch += 1
+        self._probe_sent_at, self._probe_replied, self._probe_failed = None, True, False
+
+    def _on_heartbeat(self, epoch: int, replied: bool) -> None:
+        try:
+            if epoch != self._probe_epoch:
+                return
+            self._probe_replied = True
+            if not replied:
+                self._probe_failed = True
+                self._wake.set()
+        except Exception:  # pragma: no cover - never let a callback unwind the client
+            self._log.exception("heartbeat callback failed")
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.debug("realtime send failed: {}", task.exception())
+
+    # Callbacks: called by the client inside its listen task; they never raise.
+
+    def _on_change(self, payload: Any) -> None:
+        try:
+            if is_progress_write(payload):
+                return
+            hint = hint_from_change(payload)
+            if hint is None:
+                self._log.warning("ignoring a malformed postgres_changes payload")
+                return
+            self._sink(hint)
+        except Exception:
+            self._log.exception("hint delivery failed")
+
+    def _on_system(self, gen: int, payload: Any) -> None:
+        try:
+            if gen != self._gen:
+                return
+            message = str(getattr(payload, "message", ""))
+            if getattr(payload, "extension", "") == "postgres_changes" and SUBSCRIBED_TO_POSTGRES in message:
+                self._postgres_ready = True
+                self._subscriptions += 1
+                self._mark_up()
+                self._catch_up()
+                self._wake.set()
+        except Exception:
+            self._log.exception("system message callback failed")
+
+    def _on_status(self, gen: int, status: RealtimeSubscribeStates, error: Exception | None) -> None:
+        try:
+            if gen != self._gen:
+                return
+            if status == RealtimeSubscribeStates.SUBSCRIBED:
+                self._subscribed = True
+                self._subscribed_at = time.monotonic()
+                self._postgres_ready = False
+            else:
+                self._subscribed = False
+                self._postgres_ready = False
+                self._mark_down(f"channel {status.value}" + (f": {error}" if error else ""))
+            self._wake.set()
+        except Exception:
+            self._log.exception("subscribe status callback failed")
+
+    def _catch_up(self) -> None:
+        try:
+            self._on_subscribed()
+        except Exception:
+            self._log.exception("on_subscribed callback failed")
+
+    def _mark_up(self) -> None:
+        if self._healthy:
+            return
+        self._healthy = True
+        now = time.monotonic()
+        self._up_since = now
+        log = self._log.bind(subscriptions=self._subscriptions)
+        if self._down_since is not None and self._ever_up:
+            log.bind(outage_s=round(now - self._down_since, 3)).info("realtime resubscribed")
+        else:
+            log.bind(startup_s=round(now - (self._down_since or now), 3)).info("realtime subscribed")
+        self._ever_up = True
+        self._down_since = None
+        self._outage_logged = False
+
+    def _mark_down(self, reason: str, *, failure: bool = False) -> None:
+        """Unhealthy from now; the first failure of an outage is logged, later ones only at DEBUG."""
+        self._healthy = False
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if not self._outage_logged and (failure or self._ever_up):
+            self._outage_logged = True
+            self._log.bind(reason=reason).warning("realtime down: polling until it is back")
+
+    async def _drop_channel(self) -> None:
+        channel, client = self._channel, self._client
+        self._channel = None
+        self._gen += 1
+        self._subscribed = self._postgres_ready = False
+        if channel is None or client is None:
+            return
+        try:
+            async with asyncio.timeout(self._t.close_timeout):
+                await client.remove_channel(channel)
+        except Exception as exc:
+            self._log.debug("leaving the old channel failed: {}", exc)
+        if client.channels.get(channel.topic) is channel:
+            # remove_channel did not get that far (the leave push hung): the next join needs the topic.
+            await self._close_client()
+
+    async def _close_client(self) -> None:
+        client = self._client
+        self._client, self._channel, self._probe = None, None, None
+        self._gen += 1
+        self._forget_heartbeat()
+        self._subscribed = self._postgres_ready = False
+        for task in list(self._tasks):
+            task.cancel()
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(self._t.close_timeout):
+                await client.close()
+        except Exception as exc:
+            self._log.debug("closing the realtime client failed: {}", exc)

@@ -1,0 +1,121 @@
+"""Pure parts of the supabase backend: change payloads into hints, failures into domain errors."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from postgrest import APIError
+from storage3.exceptions import StorageApiError
+
+from agent.backends.supabase import ServerUnavailable, hint_from_change, parse_row
+from agent.backends.supabase.sources import _entry, origin_of
+from agent.backends.supabase.transport import json_safe, translate
+from agent.domain.errors import BackendError, BackendUnavailable, NotFound
+from agent.domain.status import RunStatus
+
+RUN = "5f0c1d2e-0000-4000-8000-000000000001"
+
+
+def change(kind: str, **record: object) -> dict[str, object]:
+    return {
+        "ids": [1],
+        "data": {
+            "schema": "public",
+            "table": "training_runs",
+            "commit_timestamp": "2025-01-01T00:00:00Z",
+            "type": kind,
+            "columns": [],
+            "errors": None,
+            "record": {"id": RUN, **record},
+            "old_record": {"id": RUN},
+        },
+    }
+
+
+def test_an_insert_of_a_queued_run_is_a_claimable_hint() -> None:
+    hint = hint_from_change(
+        change("INSERT", status="queued", started_at=None, worker_id=None, cancel_requested=False)
+    )
+    assert hint is not None
+    assert (hint.run_id, hint.op, hint.claimable, hint.cancel_requested) == (RUN, "INSERT", True, False)
+    assert hint.status is RunStatus.QUEUED and hint.worker_id is None
+
+
+@pytest.mark.parametrize(
+    ("record", "claimable"),
+    [
+        ({"status": "running", "started_at": None, "worker_id": None, "cancel_requested": None}, True),
+        ({"status": "running", "started_at": "2025-01-01T00:00:00+00:00", "worker_id": None}, False),
+        ({"status": "queued", "worker_id": "w1"}, False),
+        ({"status": "queued", "cancel_requested": True}, False),
+        ({"status": "completed"}, False),
+        ({"status": "something-new"}, False),
+    ],
+)
+def test_claimable_follows_the_row_contract(record: dict[str, object], claimable: bool) -> None:
+    hint = hint_from_change(change("UPDATE", **record))
+    assert hint is not None and hint.claimable is claimable
+
+
+def test_a_cancel_update_carries_the_cancel_and_the_owner() -> None:
+    hint = hint_from_change(change("UPDATE", status="running", worker_id="w1", cancel_requested=True))
+    assert hint is not None
+    assert (hint.op, hint.cancel_requested, hint.worker_id, hint.status) == (
+        "UPDATE",
+        True,
+        "w1",
+        RunStatus.RUNNING,
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        None,
+        {},
+        {"data": None},
+        {"data": {"type": "INSERT"}},
+        {"data": {"type": "TRUNCATE", "record": {"id": RUN}}},
+    ],
+)
+def test_malformed_payloads_give_no_hint(payload: object) -> None:
+    assert hint_from_change(payload) is None
+
+
+def test_rows_parse_timestamps_and_skip_unknown_statuses() -> None:
+    row = parse_row(
+        {
+            "id": RUN,
+            "status": "running",
+            "attempt": 2,
+            "started_at": "2025-01-01T00:00:00.5+00:00",
+            "results": [1],
+        }
+    )
+    assert row is not None and row.attempt == 2 and row.results is None
+    assert row.started_at is not None and row.started_at.microsecond == 500000
+    assert parse_row({"id": RUN, "status": "paused"}) is None
+
+
+def test_failures_translate_by_status() -> None:
+    assert isinstance(translate(ServerUnavailable(503, "PATCH", "u", ""), "x"), BackendUnavailable)
+    assert isinstance(translate(httpx.ReadTimeout("slow"), "x"), BackendUnavailable)
+    assert isinstance(translate(httpx.ConnectError("refused"), "x"), BackendUnavailable)
+    assert isinstance(translate(APIError({"code": "22P02", "message": "bad uuid"}), "x"), BackendError)
+    assert isinstance(translate(StorageApiError("Object not found", "not_found", "404"), "x"), NotFound)
+    assert isinstance(translate(StorageApiError("busy", "InternalError", 502), "x"), BackendUnavailable)
+    denied = translate(StorageApiError("denied", "Unauthorized", 403), "x")
+    assert isinstance(denied, BackendError) and not isinstance(denied, (NotFound, BackendUnavailable))
+
+
+def test_storage_listing_entries() -> None:
+    assert _entry({"name": "train", "id": None, "metadata": None}) == ("train", True, None)
+    assert _entry({"name": "a.jpg", "id": "x", "metadata": {"size": 12}}) == ("a.jpg", False, 12)
+    assert _entry({"name": ".emptyFolderPlaceholder", "id": "x", "metadata": {"size": 0}}) is None
+    assert _entry({"name": "..", "id": None}) is None
+    assert _entry({"name": "a/b", "id": "x"}) is None
+
+
+def test_origins_and_json_safety() -> None:
+    assert origin_of("HTTPS://Abc.Supabase.co/") == "https://abc.supabase.co"
+    assert json_safe({"a": [float("nan"), 1.5], "b": float("inf")}) == {"a": [None, 1.5], "b": None}

@@ -1,0 +1,255 @@
+"""Backends under contract: every contract test runs against each factory in STORES or BLOBS."""
+
+# A new backend joins the suite with one Factory: in STORES (yielding a Harness: the store, its
+# events, and direct row access for odd set-ups) or in BLOBS.
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, Protocol, TypeVar
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from agent.backends.local.blobs import LocalBlobs
+from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
+from agent.backends.postgres.events import PostgresEvents
+from agent.backends.postgres.store import PostgresStore
+from agent.domain.run import Hint
+from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
+from tests.util import wait_for
+
+T = TypeVar("T")
+
+
+class Store(RunStore, RunAdmin, Protocol):
+    """Both sides of the table, as every backend store implements them."""
+
+
+class Harness(Protocol):
+    """A backend under test plus the direct access a test needs to set up odd rows."""
+
+    name: str
+    store: Store
+
+    async def another_store(self) -> Store:
+        """A second agent's store on the same data (closed by the harness)."""
+        ...
+
+    def events(self) -> RunEvents: ...
+
+    async def insert_row(self, **fields: Any) -> str:
+        """Insert a row directly, bypassing the store (legacy rows, unknown statuses)."""
+        ...
+
+    async def set_fields(self, run_id: str, **fields: Any) -> None:
+        """UPDATE columns directly, as the web app or a person with SQL would."""
+        ...
+
+    async def make_stale(self, run_id: str, seconds: float) -> None:
+        """Backdate the run's heartbeat by `seconds`."""
+        ...
+
+    async def worker_row(self, worker_id: str) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class MemoryHarness:
+    name: str = "memory"
+    store: MemoryStore = field(default_factory=MemoryStore)
+
+    async def another_store(self) -> Store:
+        return self.store
+
+    def events(self) -> RunEvents:
+        return MemoryEvents(self.store)
+
+    async def insert_row(self, **fields: Any) -> str:
+        return self.store.insert_row(**fields)
+
+    async def set_fields(self, run_id: str, **fields: Any) -> None:
+        self.store.set_fields(run_id, **fields)
+
+    async def make_stale(self, run_id: str, seconds: float) -> None:
+        self.store.set_fields(run_id, heartbeat_at=self.store.clock() - timedelta(seconds=seconds))
+
+    async def worker_row(self, worker_id: str) -> dict[str, Any] | None:
+        rec = self.store.workers.get(worker_id)
+        return None if rec is None else dict(vars(rec))
+
+
+def _sql_value(name: str, value: Any) -> Any:
+    return Jsonb(value) if name in ("configuration", "results") else value
+
+
+@dataclass
+class PostgresHarness:
+    url: str
+    store: PostgresStore
+    name: str = "postgres"
+    _extra: list[PostgresStore] = field(default_factory=list)
+
+    async def another_store(self) -> Store:
+        store = await PostgresStore.connect(self.url)
+        self._extra.append(store)
+        return store
+
+    def events(self) -> RunEvents:
+        return PostgresEvents(self.url, health_interval=1.0, initial_backoff=0.05, max_backoff=0.5)
+
+    async def _execute(self, query: sql.Composable | str, params: list[Any]) -> list[dict[str, Any]]:
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row)
+        async with conn:
+            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            return await cur.fetchall() if cur.description else []
+
+    async def insert_row(self, **fields: Any) -> str:
+        names = list(fields)
+        query = sql.SQL("insert into training_runs ({}) values ({}) returning id").format(
+            sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(sql.Placeholder() * len(names))
+        )
+        if not names:
+            query = sql.SQL("insert into training_runs default values returning id")
+        rows = await self._execute(query, [_sql_value(n, fields[n]) for n in names])
+        return str(rows[0]["id"])
+
+    async def set_fields(self, run_id: str, **fields: Any) -> None:
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(n), sql.Placeholder()) for n in fields
+        )
+        query = sql.SQL("update training_runs set {} where id = {}").format(assignments, sql.Placeholder())
+        await self._execute(query, [*(_sql_value(n, v) for n, v in fields.items()), run_id])
+
+    async def make_stale(self, run_id: str, seconds: float) -> None:
+        await self._execute(
+            "update training_runs set heartbeat_at = now() - make_interval(secs => %s) where id = %s",
+            [float(seconds), run_id],
+        )
+
+    async def worker_row(self, worker_id: str) -> dict[str, Any] | None:
+        rows = await self._execute("select * from trainer_workers where worker_id = %s", [worker_id])
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        for store in (*self._extra, self.store):
+            await store.close()
+
+
+@dataclass(frozen=True)
+class Factory(Generic[T]):
+    """How to open one backend: the (sync) fixtures it needs, and an async context that yields it."""
+
+    open: Callable[[dict[str, Any]], AbstractAsyncContextManager[T]]
+    fixtures: tuple[str, ...] = ()
+
+
+@asynccontextmanager
+async def memory_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
+    yield MemoryHarness()
+
+
+@asynccontextmanager
+async def postgres_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
+    url: str = fixtures["database_url"]
+    harness = PostgresHarness(url, await PostgresStore.connect(url))
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+from tests.supabase.harness import supabase_blobs, supabase_harness
+STORES: dict[str, Factory[Harness]] = {
+    "supabase": Factory(supabase_harness, ("database_url", "tmp_path")),
+}
+
+
+@asynccontextmanager
+async def memory_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
+    yield MemoryBlobs()
+
+
+@asynccontextmanager
+async def local_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
+    yield LocalBlobs(fixtures["tmp_path"] / "artifacts")
+
+
+BLOBS: dict[str, Factory[BlobStore]] = {
+    "supabase": Factory(supabase_blobs, ("database_url", "tmp_path")),
+}
+
+
+def _resolve(request: pytest.FixtureRequest, factory: Factory[Any]) -> dict[str, Any]:
+    # Sync fixtures (the test Postgres) are set up here, outside the event loop.
+    return {name: request.getfixturevalue(name) for name in factory.fixtures}
+
+
+@pytest.fixture(params=list(STORES))
+def _store_fixtures(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, _resolve(request, STORES[request.param])
+
+
+@pytest.fixture
+async def backend(_store_fixtures: tuple[str, dict[str, Any]]) -> AsyncIterator[Harness]:
+    name, fixtures = _store_fixtures
+    async with STORES[name].open(fixtures) as harness:
+        yield harness
+
+
+@pytest.fixture(params=list(BLOBS))
+def _blob_fixtures(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, _resolve(request, BLOBS[request.param])
+
+
+@pytest.fixture
+async def blobs(_blob_fixtures: tuple[str, dict[str, Any]]) -> AsyncIterator[BlobStore]:
+    name, fixtures = _blob_fixtures
+    async with BLOBS[name].open(fixtures) as store:
+        yield store
+
+
+@dataclass
+class Listener:
+    """Collects the hints and subscriptions of one running `listen`."""
+
+    events: RunEvents
+    failing: bool = False  # the sink raises after recording each hint
+    hints: list[Hint] = field(default_factory=list)
+    subscriptions: int = 0
+
+    def sink(self, hint: Hint) -> None:
+        self.hints.append(hint)
+        if self.failing:
+            raise RuntimeError("sink failure")
+
+    def subscribed(self) -> None:
+        self.subscriptions += 1
+
+    def for_run(self, run_id: str) -> list[Hint]:
+        return [h for h in self.hints if h.run_id == run_id]
+
+
+@asynccontextmanager
+async def listening(events: RunEvents, failing: bool = False) -> AsyncIterator[Listener]:
+    """Run `events.listen` in a task until the block ends; starts once subscribed."""
+    listener = Listener(events, failing=failing)
+    task = asyncio.create_task(events.listen(listener.sink, listener.subscribed))
+    try:
+        await wait_for(lambda: listener.subscriptions >= 1 or task.done(), timeout=10, what="subscribed")
+        if task.done():
+            task.result()
+        yield listener
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def utc(seconds_ago: float = 0.0) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds_ago)
