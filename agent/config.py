@@ -167,9 +167,13 @@ def legacy_settings_present(env: Mapping[str, str] | None = None) -> list[str]:
     return [k for k in LEGACY_SETTINGS if k in env]
 
 
+# The trainer never talks to the database or Storage: it does not get their credentials.
+_CHILD_WITHHELD = ("DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL", "TEST_DATABASE_URL")
+
+
 def child_environment(settings: Settings, offline: bool) -> dict[str, str]:
-    """The environment for a trainer child: the parent's, plus the offline switches when needed."""
-    env = dict(os.environ)
+    """The environment for a trainer child: the parent's without secrets, plus the offline switches."""
+    env = {k: v for k, v in os.environ.items() if k not in _CHILD_WITHHELD}
     if offline:
         env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "HF_HUB_OFFLINE": "1"})
     env["SATURNOS_OFFLINE"] = "1" if offline else "0"

@@ -14,7 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from agent import __version__
-from agent.config import Settings
+from agent.config import Settings, child_environment
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.domain.request import Task, TrainingRequest
@@ -131,7 +131,12 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         offline=offline,
         default_bucket=settings.supabase_datasets_bucket,
     )
-    trainer = ChildTrainer(stop_grace=settings.stop_grace, kill_grace=settings.kill_grace, offline=offline)
+    trainer = ChildTrainer(
+        stop_grace=settings.stop_grace,
+        kill_grace=settings.kill_grace,
+        offline=offline,
+        env=child_environment(settings, offline),
+    )
 
     def resolver(request: TrainingRequest, task: Task) -> str:
         return resolve_model(request, task, settings.weights_dir, offline)

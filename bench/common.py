@@ -355,6 +355,16 @@ class Statements:
     def total(self) -> int:
         return int(self.db.scalar(self._TOTAL, (BENCH_ROLE,)))
 
+    def total_for_role(self, role: str) -> int:
+        """Statements run as `role` (a stand-in REST request runs its statement as `service_role`)."""
+        query = self._TOTAL.replace("r.rolname <> %s", "r.rolname = %s")
+        return int(self.db.scalar(query, (role,)))
+
+    def calls_matching(self, pattern: str) -> int:
+        """Calls of the statements whose text matches the regular expression `pattern`."""
+        query = self._TOTAL + " and s.query ~ %s"
+        return int(self.db.scalar(query, (BENCH_ROLE, pattern)))
+
     def top(self, n: int = 8) -> list[tuple[int, str]]:
         with self.db.connect() as conn:
             return [(int(c), str(q)) for c, q in conn.execute(self._TOP, (BENCH_ROLE, n)).fetchall()]
@@ -481,6 +491,16 @@ def start_agents(bench: Bench, n: int, make_env: Callable[[int], dict[str, str]]
     for a in agents:
         a.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
     return agents
+
+
+def stop_all(agents: Sequence[AgentProcess]) -> None:
+    """SIGTERM every agent at once, then wait for (or kill) each."""
+    for a in agents:
+        if a.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                a.proc.send_signal(signal.SIGTERM)
+    for a in agents:
+        a.stop()
 
 
 # Misc -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class Done:
 class Stopped:
     """The child honoured a stop request."""
 
-    epoch: int | None = None
+    epoch: int | None = None  # the last completed epoch, whose checkpoint can be resumed
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import assert_never
+from typing import NoReturn, assert_never
 
 from agent.domain.messages import Error, Stopped
 from agent.training.control import Control, StopRequested
@@ -69,13 +69,8 @@ def _run(child: ChildJob, control: Control) -> None:
 
 
 def _env_offline() -> bool:
-    return any(
-        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-        for k in (
-            "SATURNOS_OFFLINE",
-            "YOLO_OFFLINE",
-        )
-    )
+    flags = (os.environ.get(k, "").strip().lower() for k in ("SATURNOS_OFFLINE", "YOLO_OFFLINE"))
+    return any(flag in ("1", "true", "yes", "on") for flag in flags)
 
 
 def _describe(exc: BaseException) -> str:
@@ -83,7 +78,7 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """Exit without waiting for library threads or atexit hooks: a stop must be quick."""
     sys.stdout.flush()
     sys.stderr.flush()

@@ -22,10 +22,9 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class StopRequested(BaseException):
-    """Raised inside the trainer to abort at once.
+    """Raised inside the trainer to abort at once."""
 
-    A BaseException so that library code catching Exception cannot swallow it.
-    """
+    # A BaseException, like KeyboardInterrupt, so that library code catching Exception cannot swallow it.
 
 
 class Control:

@@ -61,7 +61,7 @@ class ChildTrainer:
         env: Mapping[str, str] | None = None,
         module: str = CHILD_MODULE,
     ) -> None:
-        """`env` is the child's whole environment (None: inherit ours); `module` is the entry point."""
+        """`env`: the child's whole environment (None: inherit ours); `module`: its entry point."""
         self._stop_grace = stop_grace
         self._kill_grace = kill_grace
         self._offline = offline

@@ -16,10 +16,9 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def resolve_model(request: TrainingRequest, task: Task, weights_dir: Path | None, offline: bool) -> str:
-    """A model reference ready for `YOLO(...)`: an absolute path, a shipped yaml name, or a bare name.
-
-    Raises WeightsError when a `.pt` file is missing and cannot be downloaded.
-    """
+    """A reference for `YOLO(...)`; raises WeightsError when weights are missing and not downloadable."""
+    # The result is an absolute path, the name of a yaml ultralytics ships, or (online) a bare
+    # weights name that ultralytics downloads.
     ref = model_reference(request.base_model, task, request.pretrained)
     path = Path(ref).expanduser()
     if ref.lower().endswith(_YAML_SUFFIXES):

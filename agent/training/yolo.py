@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ _GPU_DEVICE = re.compile(r"^(cuda(:\d+)?|\d+(,\d+)*)$")
 
 def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     """Train to completion and send Done, or raise StopRequested (or any error)."""
-    if job.dataset is None:
+    dataset = job.dataset
+    if dataset is None:
         raise ValueError("an ultralytics training needs a prepared dataset")
     if offline:
         prepare_offline(job.workspace, os.environ)
@@ -77,8 +79,16 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     _guard_amp_check(offline)
     control.check()
 
+    if job.resume_from is not None:
+        why_not = _not_resumable(job.resume_from)
+        if why_not:
+            # A restart is better than a failed run: ultralytics would only assert "nothing to resume".
+            restart = f"checkpoint {job.resume_from.name} cannot be resumed ({why_not}): starting over"
+            print(restart, file=sys.stderr, flush=True)
+            note = "; ".join(n for n in (note, restart) if n)
+            job = replace(job, resume_from=None)
     source = str(job.resume_from) if job.resume_from is not None else job.model
-    model = YOLO(source, task=job.dataset.task)
+    model = YOLO(source, task=dataset.task)
     reporter = _Reporter(control, device_note=note)
     for event, callback in reporter.callbacks().items():
         model.add_callback(event, callback)
@@ -88,11 +98,9 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
 
 
 def prepare_offline(workspace: Path, environ: MutableMapping[str, str]) -> Path:
-    """Set the offline switches in `environ` and return a config dir seeded with the plot fonts.
-
-    Must run before ultralytics is imported: it reads these at import time. An operator's
-    YOLO_CONFIG_DIR is kept (and seeded); otherwise a private one in the workspace is used.
-    """
+    """Set the offline switches in `environ`; return ultralytics' config dir, seeded with fonts."""
+    # Must run before ultralytics is imported: it reads these at import time. An operator's
+    # YOLO_CONFIG_DIR is kept (and seeded); otherwise a private one in the workspace is used.
     environ.update(_OFFLINE_ENV)
     base = Path(environ.get("YOLO_CONFIG_DIR") or workspace / CONFIG_DIR_NAME)
     environ["YOLO_CONFIG_DIR"] = str(base)
@@ -130,11 +138,9 @@ def _dejavu_sans() -> Path | None:
 
 
 def pick_device(requested: str | None, cuda_available: bool) -> tuple[str, str]:
-    """The ultralytics `device` argument and a note for the log when it differs from the request.
-
-    A GPU request on a host without CUDA trains on the CPU instead of failing: the web app sends
-    device 0 by default, so an explicit 0 cannot be told apart from no preference.
-    """
+    """The ultralytics `device` argument, and a note for the log when it differs from the request."""
+    # A GPU request on a host without CUDA trains on the CPU instead of failing: the web app sends
+    # device 0 by default, so an explicit 0 cannot be told apart from no preference.
     if requested is None:
         return ("0", "") if cuda_available else ("cpu", "no CUDA device available: training on the CPU")
     if requested in ("cpu", "mps"):
@@ -180,6 +186,26 @@ def train_arguments(job: TrainJob, device: str) -> dict[str, Any]:
         args["resume"] = str(job.resume_from)
         args["save_dir"] = str(save_dir)
     return args
+
+
+def _not_resumable(checkpoint: Path) -> str:
+    """Why ultralytics cannot resume from `checkpoint`; empty when it can."""
+    from ultralytics.nn import tasks
+
+    if not checkpoint.is_file():
+        return "file missing"  # and never let ultralytics look for it online
+    load: Callable[[str], tuple[Any, str]] = tasks.torch_safe_load
+    try:
+        ckpt, _ = load(str(checkpoint))
+    except Exception as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None:
+        return "no optimizer state, the training had finished"
+    epoch = int(ckpt.get("epoch", -1))
+    epochs = int((ckpt.get("train_args") or {}).get("epochs", 0))
+    if epoch < 0 or epoch + 1 >= epochs:
+        return f"saved after epoch {epoch + 1} of {epochs}"
+    return ""
 
 
 def _guard_amp_check(offline: bool) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.backends.supabase import SupabaseBackends, SupabaseStore, connect_client, open_supabase
@@ -13,13 +14,32 @@ from agent.backends.supabase.transport import http_client
 from agent.domain.errors import BackendError, BackendUnavailable
 from agent.domain.run import Completed, NewRun
 from agent.domain.status import RunStatus
-from agent.retry import transient
+from agent.retry import transient, until_it_lands
 from tests.standin import StandIn
 from tests.supabase.harness import settings_for
-from tests.util import wait_for
 
 NEW = NewRun("/data/a.yaml", "YOLOv8n", {"epochs": 1})
 StoreFactory = Callable[..., Awaitable[SupabaseStore]]
+
+
+class LoseAnswers(httpx.AsyncBaseTransport):
+    """A network that delivers requests but loses the answers of the next `count` PATCHes."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.count = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method == "PATCH" and self.count > 0:
+            self.count -= 1
+            await response.aread()
+            await response.aclose()
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @pytest.fixture
@@ -27,8 +47,10 @@ async def stores(standin: StandIn) -> AsyncIterator[StoreFactory]:
     """More agents' stores on the same project, each with its own HTTP client."""
     closers = []
 
-    async def make(*, timeout: float = 30.0, key: str | None = None) -> SupabaseStore:
-        http = http_client(timeout=timeout)
+    async def make(
+        *, key: str | None = None, transport: httpx.AsyncBaseTransport | None = None
+    ) -> SupabaseStore:
+        http = http_client(transport=transport)
         closers.append(http.aclose)
         return SupabaseStore(await connect_client(standin.url, key or standin.service_role_key, http))
 
@@ -61,20 +83,15 @@ async def test_a_claim_whose_answer_is_lost_is_unavailable_and_the_row_tells_the
     supa: SupabaseBackends, standin: StandIn, stores: StoreFactory
 ) -> None:
     run_id = await supa.admin.submit(NEW)
-    impatient = await stores(timeout=0.3)
-    standin.faults.latency("rest", 1.0)  # the PATCH commits after the client has given up
+    network = LoseAnswers()
+    unlucky = await stores(transport=network)
+    network.count = 1
     with pytest.raises(BackendUnavailable):
-        await impatient.claim(run_id, "w1")
-    standin.faults.latency("rest", 0.0)
-
-    async def owner() -> str | None:
-        row = await supa.admin.get(run_id)
-        return row.worker_id if row else None
-
+        await unlucky.claim(run_id, "w1")
     # What agent.core.agent.Agent._claim does after BackendUnavailable: read the row.
-    assert await wait_for(owner, what="the claim to commit") == "w1"
     row = await supa.admin.get(run_id)
-    assert row is not None and row.attempt == 1 and row.status is RunStatus.RUNNING
+    assert row is not None and row.worker_id == "w1"
+    assert row.attempt == 1 and row.status is RunStatus.RUNNING
     assert await supa.store.claim(run_id, "w2") is None
 
 
@@ -84,20 +101,14 @@ async def test_a_final_write_whose_answer_was_lost_lands_on_retry(
     run_id = await supa.admin.submit(NEW)
     claim = await supa.store.claim(run_id, "w1")
     assert claim is not None
-    impatient = await stores(timeout=0.3)
+    network = LoseAnswers()
+    unlucky = await stores(transport=network)
     outcome = Completed({"mAP": 0.5}, "http://x/best.pt")
-    standin.faults.latency("rest", 1.0)
+    network.count = 1
     with pytest.raises(BackendUnavailable):
-        await impatient.finish(claim.lease, outcome)
-    standin.faults.latency("rest", 0.0)
-
-    async def finished() -> bool:
-        row = await supa.admin.get(run_id)
-        return row is not None and row.status is RunStatus.COMPLETED
-
-    await wait_for(finished, what="the final write to commit")
+        await unlucky.finish(claim.lease, outcome)
     # The retry matches no live row but finds it finished by this lease: landed, not lost.
-    assert await impatient.finish(claim.lease, outcome) is True
+    assert await until_it_lands("final write", lambda: unlucky.finish(claim.lease, outcome)) is True
     row = await supa.admin.get(run_id)
     assert row is not None and row.results == {"mAP": 0.5} and row.trained_model_url == "http://x/best.pt"
 

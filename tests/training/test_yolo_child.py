@@ -163,6 +163,16 @@ async def test_resume_after_a_stop(tmp_path: Path, datasets: dict[str, PreparedD
     assert isinstance(messages[-1], Done)
     assert (tmp_path / "second" / "train" / "weights" / "best.pt").is_file()
 
+    # A finished training's checkpoint (optimizer stripped) cannot be resumed: the run starts over.
+    finished = tmp_path / "second" / "train" / "weights" / "last.pt"
+    again = yolo_job(tmp_path / "third", datasets["detect"], epochs=1, plots=False, resume_from=finished)
+    child = await trainer().start(again)
+    messages = await collect(child)
+    assert (await child.wait()).returncode == 0
+    assert isinstance(messages[0], Started) and messages[0].start_epoch == 1
+    assert "cannot be resumed" in messages[0].note
+    assert isinstance(messages[-1], Done)
+
 
 async def test_a_training_error_is_reported(tmp_path: Path) -> None:
     missing = PreparedDataset(yaml_path=tmp_path / "absent" / "data.yaml", task="detect", summary={})

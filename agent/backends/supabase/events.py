@@ -228,6 +228,7 @@ class SupabaseEvents:
         self._outage_logged = False
         self._up_since: float | None = None
         self._subscriptions = 0
+        self._rebuilds = 0
         self._probe_sent_at: float | None = None
         self._probe_replied = True
         self._probe_failed = False
@@ -237,6 +238,11 @@ class SupabaseEvents:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def rebuilds(self) -> int:
+        """How many times the supervisor rebuilt the channel or the client (for logs and tests)."""
+        return self._rebuilds
 
     @property
     def subscriptions(self) -> int:
@@ -294,6 +300,7 @@ class SupabaseEvents:
             await self._apply(error, attempt=state.attempt_number)
 
     async def _apply(self, rebuild: _Rebuild, attempt: int) -> None:
+        self._rebuilds += 1
         self._log.bind(scope=rebuild.scope, attempt=attempt).debug("rebuilding: {}", rebuild.reason)
         if rebuild.scope == "client":
             await self._close_client()

@@ -62,10 +62,15 @@ def _redact(url: httpx.URL) -> str:
 
 
 def http_client(
-    *, timeout: float = 30.0, connect_timeout: float = 10.0, max_connections: int = 64
+    *,
+    timeout: float = 30.0,
+    connect_timeout: float = 10.0,
+    max_connections: int = 64,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The client handed to the supabase client (options.httpx_client): its pool, deadlines and hook."""
     return httpx.AsyncClient(
+        transport=transport,
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         follow_redirects=True,
