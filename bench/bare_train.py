@@ -1,6 +1,6 @@
 """A bare Ultralytics training, for bench/overhead.py: `YOLO(model).train(**arguments)`, nothing else.
 
-    python bench/bare_train.py MODEL ARGUMENTS_JSON
+python bench/bare_train.py MODEL ARGUMENTS_JSON
 """
 
 from __future__ import annotations

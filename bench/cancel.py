@@ -35,7 +35,7 @@ from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     PYTHON,
     REPO,
     AgentProcess,
@@ -54,7 +54,7 @@ from bench.common import (  # noqa: E402
     pid_alive,
     wait_until,
 )
-from bench.standin import supabase_env  # noqa: E402
+from bench.standin import supabase_env
 
 WORKER = "bench-cancel"
 IMGSZ, BATCH, EPOCHS = 64, 8, 50
@@ -77,17 +77,37 @@ def make_dataset(bench: Bench) -> Path:
     return make(bench.tmp / "dataset", "detect", train=TRAIN_IMAGES, val=VAL_IMAGES, imgsz=IMGSZ)
 
 
-def run_baseline(bench: Bench, data: Path, mode: str, cancels: int, rng: random.Random) -> tuple[list[float], list[float]]:
+def run_baseline(
+    bench: Bench, data: Path, mode: str, cancels: int, rng: random.Random
+) -> tuple[list[float], list[float]]:
     """(seconds from flag to training returned, epoch seconds seen) over `cancels` trainings."""
     work = bench.tmp / f"old-{mode}"
     work.mkdir()
     errlog = (bench.tmp / f"old-{mode}.log").open("wb")
     bench.callback(errlog.close)
     proc = subprocess.Popen(
-        [PYTHON, str(REPO / "bench" / "old_trainer.py"), "--data", str(data), "--work", str(work),
-         "--runs", str(cancels), "--mode", mode, "--imgsz", str(IMGSZ), "--batch", str(BATCH),
-         "--epochs", str(EPOCHS)],
-        stdout=subprocess.PIPE, stderr=errlog, stdin=subprocess.DEVNULL, start_new_session=True,
+        [
+            PYTHON,
+            str(REPO / "bench" / "old_trainer.py"),
+            "--data",
+            str(data),
+            "--work",
+            str(work),
+            "--runs",
+            str(cancels),
+            "--mode",
+            mode,
+            "--imgsz",
+            str(IMGSZ),
+            "--batch",
+            str(BATCH),
+            "--epochs",
+            str(EPOCHS),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=errlog,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     lines: queue.Queue[tuple[float, str]] = queue.Queue()
     assert proc.stdout is not None
@@ -121,7 +141,9 @@ def _read_lines(stream: IO[bytes], out: queue.Queue[tuple[float, str]]) -> None:
         out.put((time.monotonic(), raw.decode(errors="replace").strip()))
 
 
-def _next_line(lines: queue.Queue[tuple[float, str]], proc: subprocess.Popen[bytes], timeout: float) -> tuple[float, str]:
+def _next_line(
+    lines: queue.Queue[tuple[float, str]], proc: subprocess.Popen[bytes], timeout: float
+) -> tuple[float, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -140,8 +162,9 @@ def first_epoch_done(db: Database, run_id: str) -> bool:
     return bool(row)
 
 
-def run_agent(bench: Bench, db: Database, backend: str, data: Path, cancels: int, epoch_s: float,
-              rng: random.Random) -> tuple[list[float], list[float]]:
+def run_agent(
+    bench: Bench, db: Database, backend: str, data: Path, cancels: int, epoch_s: float, rng: random.Random
+) -> tuple[list[float], list[float]]:
     watch = StatusWatch(bench, db)
     if backend == "supabase":
         env = agent_env(bench.tmp / "agent", WORKER, supabase=supabase_env(bench, db))
@@ -169,8 +192,10 @@ def run_agent(bench: Bench, db: Database, backend: str, data: Path, cancels: int
                 time.sleep(0.001)
             stops.append(time.monotonic() - asked)
             rows.append(watch.wait(run_id, "canceled", timeout=30)[0] - asked)
-            log(f"agent cancel {i + 1}/{cancels}: child gone in {stops[-1] * 1000:.0f} ms,"
-                f" row canceled in {rows[-1] * 1000:.0f} ms")
+            log(
+                f"agent cancel {i + 1}/{cancels}: child gone in {stops[-1] * 1000:.0f} ms,"
+                f" row canceled in {rows[-1] * 1000:.0f} ms"
+            )
     return stops, rows
 
 

@@ -69,7 +69,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def ms_summary(seconds: Sequence[float], prefix: str = "", qs: Sequence[int] = (50, 95, 99)) -> dict[str, float]:
+def ms_summary(
+    seconds: Sequence[float], prefix: str = "", qs: Sequence[int] = (50, 95, 99)
+) -> dict[str, float]:
     """{prefix}p50_ms … and {prefix}max_ms, rounded to 0.1 ms."""
     out = {f"{prefix}p{q}_ms": round(percentile(seconds, q) * 1000, 1) for q in qs}
     out[f"{prefix}max_ms"] = round(max(seconds) * 1000, 1) if seconds else math.nan
@@ -212,12 +214,16 @@ class Database:
                 conn.execute(PROBES_SQL)
 
     def insert_run(
-        self, conn: psycopg.Connection[Any], configuration: dict[str, Any], data_yaml: str = "fake.yaml",
+        self,
+        conn: psycopg.Connection[Any],
+        configuration: dict[str, Any],
+        data_yaml: str = "fake.yaml",
         base_model: str | None = None,
     ) -> tuple[str, float]:
         """Insert a queued run (autocommit) and return its id and the monotonic time of the commit."""
         row = conn.execute(
-            "insert into training_runs (data_yaml, base_model, configuration) values (%s, %s, %s) returning id",
+            "insert into training_runs (data_yaml, base_model, configuration)"
+            " values (%s, %s, %s) returning id",
             (data_yaml, base_model, json.dumps(configuration)),
         ).fetchone()
         committed = time.monotonic()
@@ -234,7 +240,9 @@ PROBES_SQL = f"""
 create table if not exists bench_claim_log (
     run_id uuid, worker_id text, attempt int, at timestamptz default clock_timestamp()
 );
-create table if not exists bench_insert_log (run_id uuid primary key, at timestamptz default clock_timestamp());
+create table if not exists bench_insert_log (
+    run_id uuid primary key, at timestamptz default clock_timestamp()
+);
 
 create or replace function bench_on_insert() returns trigger language plpgsql as $$
 begin
@@ -373,8 +381,14 @@ class Statements:
 # Agents ---------------------------------------------------------------------------------------
 
 
-def agent_env(data_dir: Path, worker_id: str, *, database_url: str | None = None,
-              supabase: dict[str, str] | None = None, **overrides: str) -> dict[str, str]:
+def agent_env(
+    data_dir: Path,
+    worker_id: str,
+    *,
+    database_url: str | None = None,
+    supabase: dict[str, str] | None = None,
+    **overrides: str,
+) -> dict[str, str]:
     """The environment of `python -m agent run` as an operator would set it, for one backend."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
     env.update(
@@ -454,7 +468,8 @@ class AgentProcess:
 
     def logged(self, message: str, **fields: Any) -> list[dict[str, Any]]:
         return [
-            r for r in self.records()
+            r
+            for r in self.records()
             if r["message"] == message and all(r.get(k) == v for k, v in fields.items())
         ]
 
@@ -481,12 +496,11 @@ class AgentProcess:
         self._log.close()
 
 
-def start_agents(bench: Bench, n: int, make_env: Callable[[int], dict[str, str]],
-                 timeout: float = 180.0) -> list[AgentProcess]:
+def start_agents(
+    bench: Bench, n: int, make_env: Callable[[int], dict[str, str]], timeout: float = 180.0
+) -> list[AgentProcess]:
     """Start `n` agents at once and wait until each has subscribed."""
-    agents = [
-        AgentProcess(make_env(i), bench.tmp / f"agent-{i}.log").start(bench) for i in range(n)
-    ]
+    agents = [AgentProcess(make_env(i), bench.tmp / f"agent-{i}.log").start(bench) for i in range(n)]
     deadline = time.monotonic() + timeout
     for a in agents:
         a.wait_ready(timeout=max(1.0, deadline - time.monotonic()))

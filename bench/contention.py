@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     FAKE_TINY,
     Bench,
     Postgres,
@@ -54,7 +54,9 @@ def race(bench: Bench, pg: Postgres, n: int, runs: int) -> tuple[dict[str, float
     watch = StatusWatch(bench, db)
     started = time.monotonic()
     agents = start_agents(
-        bench, n, lambda i: agent_env(bench.tmp / f"n{n}-a{i}", f"n{n}-a{i}", database_url=db.url),
+        bench,
+        n,
+        lambda i: agent_env(bench.tmp / f"n{n}-a{i}", f"n{n}-a{i}", database_url=db.url),
         timeout=60 + 5 * n,
     )
     log(f"{n} agents ready in {time.monotonic() - started:.1f}s")

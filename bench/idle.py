@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil  # noqa: E402
+import psutil
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     AgentProcess,
     Bench,
     Postgres,
@@ -37,7 +37,7 @@ from bench.common import (  # noqa: E402
     machine,
     parse_args,
 )
-from bench.standin import supabase_env  # noqa: E402
+from bench.standin import supabase_env
 
 WORKER = "bench-idle"
 

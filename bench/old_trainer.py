@@ -65,11 +65,11 @@ def main() -> int:
 
     for run in range(args.runs):
         state.update(run=run, trainer=None, cancel_seen=False)
-        last = [time.monotonic()]
+        state["epoch_started"] = time.monotonic()
 
         def on_train_start(trainer: Any) -> None:
             state["trainer"] = trainer
-            last[0] = time.monotonic()
+            state["epoch_started"] = time.monotonic()
 
         def on_train_epoch_end(trainer: Any) -> None:
             if state["cancel_seen"]:
@@ -77,8 +77,8 @@ def main() -> int:
 
         def on_fit_epoch_end(trainer: Any, run: int = run) -> None:
             now = time.monotonic()
-            print(f"epoch {run} {now - last[0]:.3f}", file=proto, flush=True)
-            last[0] = now
+            print(f"epoch {run} {now - state['epoch_started']:.3f}", file=proto, flush=True)
+            state["epoch_started"] = now
 
         model = YOLO("yolov8n.yaml")
         model.add_callback("on_train_start", on_train_start)

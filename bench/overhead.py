@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     PYTHON,
     REPO,
     AgentProcess,
@@ -83,7 +83,11 @@ def bare_run(bench: Bench, data: Path, index: int) -> float:
         started = time.monotonic()
         proc = subprocess.run(
             [PYTHON, str(REPO / "bench" / "bare_train.py"), "yolov8n.yaml", json.dumps(arguments)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, timeout=600,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            timeout=600,
             check=False,
         )
         seconds = time.monotonic() - started
@@ -105,8 +109,9 @@ def main() -> None:
         pg = Postgres(bench)
         db = pg.database()
         watch = StatusWatch(bench, db)
-        agent = AgentProcess(agent_env(bench.tmp / "agent", WORKER, database_url=db.url),
-                             bench.tmp / "agent.log").start(bench)
+        agent = AgentProcess(
+            agent_env(bench.tmp / "agent", WORKER, database_url=db.url), bench.tmp / "agent.log"
+        ).start(bench)
         agent.wait_ready()
         with db.connect() as conn:
             for i in range(pairs):
@@ -115,8 +120,11 @@ def main() -> None:
                 try:
                     done, _ = watch.wait(run_id, "completed", timeout=600)
                 except TimeoutError:
-                    error = db.scalar("select status || ': ' || coalesce(error_message, '') from training_runs"
-                                      " where id = %s", (run_id,))
+                    error = db.scalar(
+                        "select status || ': ' || coalesce(error_message, '') from training_runs"
+                        " where id = %s",
+                        (run_id,),
+                    )
                     raise RuntimeError(f"agent run did not complete: {error}") from None
                 agent_times.append(done - committed)
                 log(f"pair {i + 1}/{pairs}: bare {bare_times[-1]:.2f}s, agent {agent_times[-1]:.2f}s")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     FAKE_TINY,
     AgentProcess,
     Bench,
@@ -48,7 +48,7 @@ from bench.common import (  # noqa: E402
     parse_args,
     percentile,
 )
-from bench.standin import supabase_env  # noqa: E402
+from bench.standin import supabase_env
 
 WORKER = "bench-pickup"
 OLD_POLL_INTERVAL = 10.0
@@ -120,7 +120,9 @@ def measure_old_poller(bench: Bench, db: Database, runs: int, periods: int) -> l
             for offset in offsets:
                 time.sleep(max(0.0, start + offset - time.monotonic()))
                 inserted.append(db.insert_run(conn, FAKE_TINY))
-        return [watch.wait(run_id, "running", timeout=3 * OLD_POLL_INTERVAL)[0] - t0 for run_id, t0 in inserted]
+        return [
+            watch.wait(run_id, "running", timeout=3 * OLD_POLL_INTERVAL)[0] - t0 for run_id, t0 in inserted
+        ]
     finally:
         stop.set()
         thread.join(timeout=OLD_POLL_INTERVAL + 5)

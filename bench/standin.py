@@ -43,8 +43,13 @@ def publish_training_runs(db: Database) -> None:
         )
 
 
-def start_standin(bench: Bench, db: Database, storage_dir: Path | None = None,
-                  extra: tuple[str, ...] = (), timeout: float = 60.0) -> dict[str, str]:
+def start_standin(
+    bench: Bench,
+    db: Database,
+    storage_dir: Path | None = None,
+    extra: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> dict[str, str]:
     """`python -m tests.standin` as a subprocess; returns its {url, anon_key, service_role_key}."""
     if not supabase_available():
         raise SystemExit("the supabase backend or tests/standin/__main__.py is not there yet")
