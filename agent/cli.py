@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small real model end to end on a synthetic dataset")
     demo.add_argument("--task", choices=("detect", "segment"), default="detect")
-    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--imgsz", type=int, default=128)
     demo.set_defaults(func=cmd_demo)
 
@@ -277,7 +277,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     ensure_dirs(settings)
     root = settings.data_dir / "demo" / f"{args.task}-dataset"
     print(f"1/4 generating a synthetic {args.task} dataset in {root}", flush=True)
-    data_yaml = await asyncio.to_thread(make_dataset, root, args.task, imgsz=args.imgsz)
+    # 64 training images: with fewer, 40 epochs are too few optimizer steps to learn the shapes.
+    data_yaml = await asyncio.to_thread(make_dataset, root, args.task, train=64, val=16, imgsz=args.imgsz)
     offline = await detect_offline(settings)
     async with open_backends(settings) as backends:
         agent = build_agent(settings, backends, offline=offline)

@@ -48,6 +48,7 @@ def start_standin(
     db: Database,
     storage_dir: Path | None = None,
     extra: tuple[str, ...] = (),
+    command: tuple[str, ...] | None = None,
     timeout: float = 60.0,
 ) -> dict[str, str]:
     """`python -m tests.standin` as a subprocess; returns its {url, anon_key, service_role_key}."""
@@ -60,7 +61,17 @@ def start_standin(
     stderr = log_path.open("wb")
     bench.callback(stderr.close)
     proc = subprocess.Popen(
-        [PYTHON, "-m", "tests.standin", "--database-url", db.url, "--storage-dir", str(storage), *extra],
+        [
+            PYTHON,
+            *(command or ("-m", "tests.standin")),
+            "--database-url",
+            db.url,
+            "--storage-dir",
+            str(storage),
+            "--publish",
+            "public.training_runs",
+            *extra,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=stderr,

@@ -178,6 +178,7 @@ async def _train(
     deps: Deps, lease: Lease, job: TrainJob, proc: TrainingProcess, control: RunControl, log: Any
 ) -> Outcome | None:
     """Stream the child's messages into the row until it ends or the run is interrupted."""
+    started = time.monotonic()
     tracker = ProgressTracker(total_epochs=job.request.epochs)
     wake = asyncio.Event()
     writer = asyncio.create_task(_heartbeat(deps, control, (tracker, wake)), name=f"progress-{lease.run_id}")
@@ -209,7 +210,7 @@ async def _train(
 
     if tracker.done is None:
         return Failed(_crash_message(exit_, tracker))
-    log.bind(seconds=round(time.monotonic() - tracker.updated_at, 2)).info("training finished")
+    log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).info("training finished")
     try:
         return await _completed(deps, lease, job, tracker)
     except (BackendError, BackendUnavailable, OSError) as exc:

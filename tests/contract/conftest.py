@@ -24,6 +24,7 @@ from agent.backends.postgres.events import PostgresEvents
 from agent.backends.postgres.store import PostgresStore
 from agent.domain.run import Hint
 from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
+from tests.supabase.harness import supabase_blobs, supabase_harness
 from tests.util import wait_for
 
 T = TypeVar("T")
@@ -168,6 +169,7 @@ async def postgres_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
 STORES: dict[str, Factory[Harness]] = {
     "memory": Factory(memory_harness),
     "postgres": Factory(postgres_harness, ("database_url",)),
+    "supabase": Factory(supabase_harness, ("database_url", "tmp_path")),
 }
 
 
@@ -184,6 +186,7 @@ async def local_blobs(fixtures: dict[str, Any]) -> AsyncIterator[BlobStore]:
 BLOBS: dict[str, Factory[BlobStore]] = {
     "memory": Factory(memory_blobs),
     "local": Factory(local_blobs, ("tmp_path",)),
+    "supabase": Factory(supabase_blobs, ("database_url", "tmp_path")),
 }
 
 
