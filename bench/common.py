@@ -130,10 +130,13 @@ def _rmtree(path: Path) -> None:
 def kill_group(proc: subprocess.Popen[Any], term_timeout: float = 10.0) -> None:
     """SIGTERM the process (its own session), wait, then SIGKILL its whole group."""
     if proc.poll() is None:
+        started = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=term_timeout)
+        if time.monotonic() - started > 2:
+            log(f"{proc.args!r:.80} took {time.monotonic() - started:.1f}s to stop")
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -363,10 +366,10 @@ class Statements:
     def total(self) -> int:
         return int(self.db.scalar(self._TOTAL, (BENCH_ROLE,)))
 
-    def total_for_role(self, role: str) -> int:
-        """Statements run as `role` (a stand-in REST request runs its statement as `service_role`)."""
-        query = self._TOTAL.replace("r.rolname <> %s", "r.rolname = %s")
-        return int(self.db.scalar(query, (role,)))
+    def on_app_tables(self) -> int:
+        """Statements on training_runs or trainer_workers: with the Supabase stand-in, one per REST
+        request (what PostgREST runs for it), without the stand-in's own transaction wrapping."""
+        return self.calls_matching(r"(training_runs|trainer_workers)")
 
     def calls_matching(self, pattern: str) -> int:
         """Calls of the statements whose text matches the regular expression `pattern`."""

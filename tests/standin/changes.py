@@ -25,6 +25,7 @@ SMALL_VALUE_BYTES = 64  # what it keeps of each value when a record is over that
 class Change:
     """One captured row change, with the columns of its table as they are now."""
 
+    id: int
     schema: str
     table: str
     type: str
@@ -103,6 +104,7 @@ class ChangeFeed:
         self._deliver = deliver
         self._resync_triggers = resync_triggers
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -114,6 +116,9 @@ class ChangeFeed:
         await asyncio.wait_for(listening.wait(), timeout=10)
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11 a cancel that races a wake-up can be lost.
+        self._stop.set()
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -122,7 +127,7 @@ class ChangeFeed:
         self._tasks = []
 
     async def _listen(self, listening: asyncio.Event) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
                     await conn.execute("listen standin_changes")
@@ -131,15 +136,20 @@ class ChangeFeed:
                     async for _ in conn.notifies():
                         self._wake.set()
             except psycopg.OperationalError as exc:
+                if self._stop.is_set():
+                    return
                 log.warning("stand-in: change listener lost its connection (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
     async def _drain_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():
             # The timeout is a safety net for a lost notification and, without the event trigger,
             # the beat at which capture triggers follow the publication.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+            if self._stop.is_set():
+                return
             self._wake.clear()
             try:
                 changes = await self._read()
@@ -157,7 +167,7 @@ class ChangeFeed:
                 "delete from standin.changes returning id, schema_name, table_name, type, record,"
                 " old_record, has_pk, commit_timestamp"
             )
-            rows = sorted(await cur.fetchall(), key=lambda r: r[0])  # type: ignore[arg-type,return-value]
+            rows = sorted(await cur.fetchall(), key=lambda r: int(r[0]))
             if not rows:
                 return []
             tables = sorted({(str(r[1]), str(r[2])) for r in rows})
@@ -177,23 +187,26 @@ class ChangeFeed:
                 """,
                 [PUBLICATION, [t[0] for t in tables], [t[1] for t in tables]],
             )
-            info = {(str(r[0]), str(r[1])): (r[2], bool(r[3])) for r in await cur.fetchall()}
+            info: dict[tuple[str, str], tuple[list[dict[str, str]], bool]] = {
+                (str(r[0]), str(r[1])): (list(r[2]), bool(r[3])) for r in await cur.fetchall()
+            }
         changes = []
-        for _id, schema, table, type_, record, old_record, has_pk, ts in rows:
+        for change_id, schema, table, type_, record, old_record, has_pk, ts in rows:
             columns, published = info.get((str(schema), str(table)), ([], False))
             if not published:
                 continue  # left the publication: Realtime no longer decodes its changes
-            bytea = {c["name"] for c in columns if c["type"] == "bytea"}  # type: ignore[index,union-attr]
+            bytea = {c["name"] for c in columns if c["type"] == "bytea"}
             changes.append(
                 Change(
+                    id=int(change_id),
                     schema=str(schema),
                     table=str(table),
                     type=str(type_),
-                    record=_hex_bytea(record, bytea),  # type: ignore[arg-type]
-                    old_record=_hex_bytea(old_record, bytea),  # type: ignore[arg-type]
+                    record=_hex_bytea(record, bytea),
+                    old_record=_hex_bytea(old_record, bytea),
                     has_pk=bool(has_pk),
-                    commit_timestamp=ts,  # type: ignore[arg-type]
-                    columns=columns,  # type: ignore[arg-type]
+                    commit_timestamp=ts,
+                    columns=columns,
                 )
             )
         return changes

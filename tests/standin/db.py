@@ -8,11 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import pq
 
 log = logging.getLogger(__name__)
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 API_ROLES = ("anon", "authenticated", "service_role")
 PUBLICATION = "supabase_realtime"
@@ -69,7 +72,7 @@ async def prepare_database(url: str) -> Capabilities:
         role_switching = await _try(conn, _ROLES_SQL + _GRANTS_SQL, "API roles")
         if role_switching:
             role_switching = await _can_switch_roles(conn)
-        await conn.execute((Path(__file__).parent / "setup.sql").read_text())  # type: ignore[arg-type]
+        await conn.execute((Path(__file__).parent / "setup.sql").read_text())
         event_trigger = await _try(conn, _EVENT_TRIGGER_SQL, "event trigger")
         await conn.execute("select standin.sync_capture_triggers()")
         # Changes committed while no stand-in ran were never subscribed to: Realtime drops them too.
@@ -77,16 +80,16 @@ async def prepare_database(url: str) -> Capabilities:
     return Capabilities(role_switching=role_switching, event_trigger=event_trigger)
 
 
-async def _try(conn: psycopg.AsyncConnection[tuple[object, ...]], statements: str, what: str) -> bool:
+async def _try(conn: Conn, statements: str, what: str) -> bool:
     try:
-        await conn.execute(statements)  # type: ignore[arg-type]
+        await conn.execute(statements)
     except psycopg.errors.InsufficientPrivilege as exc:
         log.warning("stand-in: cannot set up the %s (%s); continuing without", what, exc.diag.message_primary)
         return False
     return True
 
 
-async def _can_switch_roles(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+async def _can_switch_roles(conn: Conn) -> bool:
     try:
         async with conn.transaction():
             for role in API_ROLES:
@@ -102,12 +105,12 @@ class Pool:
 
     def __init__(self, url: str, size: int = 10) -> None:
         self._url = url
-        self._idle: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
+        self._idle: list[Conn] = []
         self._slots = asyncio.Semaphore(size)
         self._closed = False
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def connection(self) -> AsyncIterator[Conn]:
         """A connection outside any transaction; returned to the pool afterwards."""
         async with self._slots:
             conn = await self._take()
@@ -116,14 +119,14 @@ class Pool:
             finally:
                 await self._give_back(conn)
 
-    async def _take(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    async def _take(self) -> Conn:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
                 return conn
         return await psycopg.AsyncConnection.connect(self._url)
 
-    async def _give_back(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _give_back(self, conn: Conn) -> None:
         if conn.closed:
             return
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:

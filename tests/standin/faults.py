@@ -25,6 +25,7 @@ class Faults:
         self._subscribed_released.set()
         # Wired by the server: the switches that act on live connections and the listening socket.
         self._drop_websockets: Callable[[], int] = lambda: 0
+        self._close_channels: Callable[[], int] = lambda: 0
         self._set_listening: Callable[[bool], Awaitable[None]] | None = None
 
     # Realtime ---------------------------------------------------------------------------------
@@ -41,6 +42,10 @@ class Faults:
     def drop_websockets(self) -> int:
         """Drop every websocket now (no close frame, like a network cut); reconnects are accepted."""
         return self._drop_websockets()
+
+    def close_channels(self) -> int:
+        """Shut every joined channel down from the server (system error + phx_close); sockets stay open."""
+        return self._close_channels()
 
     def stall_realtime(self, seconds: float) -> None:
         """Hold every outgoing realtime frame for `seconds` from now; they are sent, in order, after."""
@@ -67,9 +72,9 @@ class Faults:
         """Wait as long as the "Subscribed to PostgreSQL" fault says."""
         if self._subscribed_released.is_set():
             return
-        delay = self._subscribed_delay
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed_released.wait(), timeout=delay)
+            async with asyncio.timeout(self._subscribed_delay):
+                await self._subscribed_released.wait()
 
     # HTTP services ----------------------------------------------------------------------------
 

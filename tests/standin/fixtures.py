@@ -19,7 +19,4 @@ async def standin(database_url: str, tmp_path: Path) -> AsyncIterator[StandIn]:
     try:
         yield server
     finally:
-        import sys
-        print("S1", file=sys.stderr, flush=True)
         await server.stop()
-        print("S2", file=sys.stderr, flush=True)

@@ -73,9 +73,9 @@ class Channel:
         self.topic = topic
         self.name = topic.removeprefix("realtime:")
         self.join_ref = join_ref
-        broadcast = config.get("broadcast") if isinstance(config.get("broadcast"), dict) else {}
-        self.broadcast_self = bool(broadcast.get("self"))  # type: ignore[union-attr]
-        self.broadcast_ack = bool(broadcast.get("ack"))  # type: ignore[union-attr]
+        broadcast = _object(config.get("broadcast"))
+        self.broadcast_self = bool(broadcast.get("self"))
+        self.broadcast_ack = bool(broadcast.get("ack"))
         changes = config.get("postgres_changes")
         self.bindings: list[Binding] = (
             [parse_binding(p) for p in changes if p is not None] if isinstance(changes, list) else []
@@ -110,7 +110,7 @@ class Connection:
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None,
+        transport: asyncio.Transport | None,
         serializer: V1Serializer | V2Serializer,
         token: str,
         faults: Faults,
@@ -177,6 +177,14 @@ class Realtime:
     def connections(self) -> int:
         return len(self._connections)
 
+    def close_channels(self, message: str = "Server requested shutdown") -> int:
+        """Shut every channel down as Realtime does (system error, then phx_close); clients never rejoin."""
+        channels = [ch for conn in list(self._connections) for ch in list(conn.channels.values())]
+        for channel in channels:
+            channel.push_system("system", "error", message)
+            self._close_channel(channel)
+        return len(channels)
+
     def drop_all(self) -> int:
         conns = list(self._connections)
         for conn in conns:
@@ -211,7 +219,7 @@ class Realtime:
                     await ws.close()
                     break
                 if msg.type == WSMsgType.TEXT:
-                    await self._on_text(conn, msg.data)
+                    self._on_text(conn, msg.data)
                 elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
         finally:
@@ -219,7 +227,7 @@ class Realtime:
             conn.close()
         return ws
 
-    async def _on_text(self, conn: Connection, text: str) -> None:
+    def _on_text(self, conn: Connection, text: str) -> None:
         try:
             frame = conn.serializer.decode(text)
         except (ValueError, KeyError, TypeError):
@@ -265,13 +273,12 @@ class Realtime:
         except TokenError as exc:
             conn.reply(frame, "error", {"reason": f"Unauthorized: {exc.message}"})
             return
-        config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-        channel = Channel(conn, topic, frame.join_ref or frame.ref, config)  # type: ignore[arg-type]
+        config = _object(payload.get("config"))
+        channel = Channel(conn, topic, frame.join_ref or frame.ref, config)
         conn.channels[topic] = channel
         self.joins += 1
         conn.reply(frame, "ok", {"postgres_changes": [{**b.params, "id": b.id} for b in channel.bindings]})
-        presence = config.get("presence") if isinstance(config, dict) else None
-        if isinstance(presence, dict) and presence.get("enabled"):
+        if _object(config.get("presence")).get("enabled"):
             channel.push("presence_state", {})
         if channel.bindings:
             channel.subscribe(self._subscribe(channel))
@@ -320,10 +327,22 @@ class Realtime:
         await self._faults.wait_subscribed()
         if channel.closed:
             return
+        # Realtime delivers what commits after the subscription exists; the capture id marks that point.
+        since = await self._capture_position()
         for binding, found in zip(channel.bindings, entities, strict=True):
             binding.entities = found
+            if not binding.active:
+                binding.since = since
             binding.active = True
         channel.push_system("postgres_changes", "ok", "Subscribed to PostgreSQL")
+
+    async def _capture_position(self) -> int:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "select case when is_called then last_value else 0 end from standin.changes_id_seq"
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def _resolve(self, bindings: list[Binding]) -> list[set[tuple[str, str]]]:
         """The published tables of each binding; all or nothing, as Realtime's subscription insert."""
@@ -370,7 +389,7 @@ class Realtime:
     async def _deliver_to(self, channel: Channel, change: Change) -> None:
         groups: dict[tuple[str, ...] | None, list[int]] = {}
         for binding in channel.bindings:
-            if not binding.wants(change.schema, change.table, change.type):
+            if not binding.wants(change.id, change.schema, change.table, change.type):
                 continue
             # Realtime filters on the new row; deletes carry none and pass every filter.
             if binding.filters and change.type != "DELETE" and not await self._passes(binding, change):
@@ -396,6 +415,10 @@ class Realtime:
             row = await cur.fetchone()
             await conn.rollback()
         return bool(row and row[0])
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _params_to_log(binding: Binding) -> str:

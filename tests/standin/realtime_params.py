@@ -52,9 +52,15 @@ class Binding:
     error: str | None = None
     entities: set[tuple[str, str]] = field(default_factory=set)
     active: bool = False
+    since: int = 0  # changes captured up to this id were committed before the subscription existed
 
-    def wants(self, schema: str, table: str, type_: str) -> bool:
-        return self.active and (schema, table) in self.entities and self.event in ("*", type_)
+    def wants(self, change_id: int, schema: str, table: str, type_: str) -> bool:
+        return (
+            self.active
+            and change_id > self.since
+            and (schema, table) in self.entities
+            and self.event in ("*", type_)
+        )
 
 
 def binding_id(params: dict[str, Any]) -> int:

@@ -275,7 +275,9 @@ def parse_logic(op: str, text: str, negate: bool) -> Logic:
 
 def split_top_level(text: str) -> list[str]:
     """Split on commas outside parentheses and double quotes."""
-    parts, current, depth, quoted, escaped = [], [], 0, False, False
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quoted, escaped = 0, False, False
     for ch in text:
         if escaped:
             escaped = False

@@ -96,6 +96,7 @@ class StandIn:
         await self._runner.setup()
         await self._listen(True)
         self.faults._drop_websockets = self.realtime.drop_all
+        self.faults._close_channels = self.realtime.close_channels
         self.faults._set_listening = self._listen
 
     async def stop(self) -> None:

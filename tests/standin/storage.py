@@ -361,7 +361,9 @@ class Storage:
             return web.json_response([])  # row-level security hides every row
         if prefix and not prefix.endswith("/"):
             prefix += "/"  # storage-api always treats the prefix as a folder
-        sort_by = body.get("sortBy") if isinstance(body.get("sortBy"), dict) else {}
+        sort_by = body.get("sortBy")
+        if not isinstance(sort_by, dict):
+            sort_by = {}
         entries = await asyncio.to_thread(
             self.store.search,
             bucket,
@@ -369,8 +371,8 @@ class Storage:
             limit=int(body.get("limit") or 100),
             offset=int(body.get("offset") or 0),
             search=str(body.get("search") or ""),
-            sort_column=str(sort_by.get("column") or "name"),  # type: ignore[union-attr]
-            sort_order=str(sort_by.get("order") or "asc"),  # type: ignore[union-attr]
+            sort_column=str(sort_by.get("column") or "name"),
+            sort_order=str(sort_by.get("order") or "asc"),
         )
         return web.json_response(entries)
 

@@ -23,14 +23,9 @@ async def supabase(standin: StandIn) -> AsyncIterator[AsyncClient]:  # noqa: F81
     try:
         yield client
     finally:
-        import sys
-        print("T1", file=sys.stderr, flush=True)
         await client.realtime.close()
-        print("T2", file=sys.stderr, flush=True)
         await client.postgrest.aclose()
-        print("T3", file=sys.stderr, flush=True)
         await client.storage.session.aclose()
-        print("T4", file=sys.stderr, flush=True)
 
 
 @pytest.fixture

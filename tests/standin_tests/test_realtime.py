@@ -226,3 +226,12 @@ async def test_invalid_api_key_is_refused(standin: StandIn) -> None:
     client = AsyncRealtimeClient(f"{standin.url}/realtime/v1", "not-a-jwt", max_retries=1)
     with pytest.raises(Exception, match="401"):
         await client.connect()
+
+
+async def test_server_closes_channels(realtime_client: AsyncRealtimeClient, standin: StandIn) -> None:
+    channel, rec = await subscribe(realtime_client, [RUNS])
+    assert standin.faults.close_channels() == 1
+    await wait_for(
+        lambda: RealtimeSubscribeStates.CLOSED in rec.states, timeout=5, what="closed by the server"
+    )
+    assert channel.is_closed and standin.realtime.connections == 1

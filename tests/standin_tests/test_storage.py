@@ -96,6 +96,8 @@ async def test_signed_and_public_urls(supabase: AsyncClient, standin: StandIn, b
         await supabase.storage.update_bucket(bucket, {"public": True})
         public = await http.get(await files.get_public_url("weights/best.pt"))
         assert public.status_code == 200 and public.content == content
+        head = await http.head(await files.get_public_url("weights/best.pt"))
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(content))
         auth = {"Authorization": f"Bearer {standin.service_role_key}"}
         authed = await http.get(
             f"{standin.url}/storage/v1/object/authenticated/{bucket}/weights/best.pt", headers=auth

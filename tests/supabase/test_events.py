@@ -7,7 +7,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 import pytest
 from loguru import logger
 
@@ -46,8 +48,14 @@ class Heard:
 
 @pytest.fixture
 def warnings() -> Iterator[list[str]]:
+    """Warnings logged during the test, each with its bound `reason` when it has one."""
     messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+
+    def record(message: Any) -> None:
+        reason = message.record["extra"].get("reason")
+        messages.append(message.record["message"] + (f" [{reason}]" if reason else ""))
+
+    sink = logger.add(record, level="WARNING")
     yield messages
     logger.remove(sink)
 
@@ -142,9 +150,7 @@ async def test_realtime_down_then_up_resubscribes_by_itself(
         await wait_for(lambda: heard.for_run(fresh), what="insert after recovery")
         latency = (heard.arrival(fresh) or 0) - started
     assert latency < 0.5
-    assert [w for w in warnings if w.startswith("realtime down")] == [
-        "realtime down: polling until it is back"
-    ]
+    assert len([w for w in warnings if w.startswith("realtime down")]) == 1
     resubscribed = [r for r in infos if r["message"] == "realtime resubscribed"]
     assert len(resubscribed) == 1 and float(resubscribed[0]["outage_s"]) > 0  # type: ignore[arg-type]
 
@@ -227,3 +233,22 @@ async def test_failing_callbacks_do_not_stop_the_stream(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_table_missing_from_the_publication_is_reported_and_recovers(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents, warnings: list[str]
+) -> None:
+    async with await psycopg.AsyncConnection.connect(standin.database_url, autocommit=True) as conn:
+        await conn.execute("alter publication supabase_realtime drop table public.training_runs")
+    heard = Heard()
+    async with listening(events, heard, wait=False):
+        await wait_for(lambda: any("Unable to subscribe" in w for w in warnings), what="the refusal logged")
+        assert not events.healthy and heard.catch_ups == []
+        await standin.publish("public.training_runs")  # the dashboard's Realtime toggle
+        await wait_for(
+            lambda: heard.catch_ups and events.healthy, timeout=15, what="subscribed once published"
+        )
+        run_id = await supa.admin.submit(NEW)
+        await wait_for(lambda: heard.for_run(run_id), what="insert hint")
+    down = [w for w in warnings if w.startswith("realtime down")]
+    assert len(down) == 1

@@ -5,15 +5,19 @@ from __future__ import annotations
 import httpx
 import pytest
 from postgrest import APIError
+from realtime.types import RealtimePostgresChangesListenEvent
 from storage3.exceptions import StorageApiError
 
 from agent.backends.supabase import ServerUnavailable, hint_from_change, parse_row
+from agent.backends.supabase.events import is_progress_write
 from agent.backends.supabase.sources import _entry, origin_of
 from agent.backends.supabase.transport import json_safe, translate
 from agent.domain.errors import BackendError, BackendUnavailable, NotFound
 from agent.domain.status import RunStatus
 
 RUN = "5f0c1d2e-0000-4000-8000-000000000001"
+T0 = "2025-01-01T00:00:00.123456+00:00"
+T1 = "2025-01-01T00:00:02.5+00:00"
 
 
 def change(kind: str, **record: object) -> dict[str, object]:
@@ -119,3 +123,54 @@ def test_storage_listing_entries() -> None:
 def test_origins_and_json_safety() -> None:
     assert origin_of("HTTPS://Abc.Supabase.co/") == "https://abc.supabase.co"
     assert json_safe({"a": [float("nan"), 1.5], "b": float("inf")}) == {"a": [None, 1.5], "b": None}
+
+
+def test_payloads_as_realtime_py_hands_them_over() -> None:
+    # The client validates frames with pydantic: `type` arrives as a str enum, not a plain string.
+    payload = change("UPDATE", status="running", worker_id="w1", started_at="2025-01-01T00:00:00+00:00")
+    payload["data"]["type"] = RealtimePostgresChangesListenEvent.Update  # type: ignore[index]
+    hint = hint_from_change(payload)
+    assert hint is not None and hint.op == "UPDATE" and hint.worker_id == "w1"
+
+
+@pytest.mark.parametrize(
+    ("record", "old", "progress"),
+    [
+        # Without the old row image: judged by the row image.
+        ({"status": "running", "worker_id": "w1", "started_at": T0, "heartbeat_at": T1}, {"id": RUN}, True),
+        ({"status": "running", "worker_id": "w1", "started_at": T0, "heartbeat_at": T0}, {"id": RUN}, False),
+        (
+            {"status": "canceling", "worker_id": "w1", "started_at": T0, "heartbeat_at": T1},
+            {"id": RUN},
+            False,
+        ),
+        (
+            {
+                "status": "running",
+                "worker_id": "w1",
+                "started_at": T0,
+                "heartbeat_at": T1,
+                "cancel_requested": True,
+            },
+            {"id": RUN},
+            False,
+        ),
+        # With it (replica identity full): only the columns agents act on count.
+        (
+            {"status": "running", "worker_id": "w1", "started_at": T0, "cancel_requested": False},
+            {"status": "running", "worker_id": "w1", "started_at": T0, "cancel_requested": False},
+            True,
+        ),
+        (
+            {"status": "running", "worker_id": "w1", "started_at": T0, "cancel_requested": True},
+            {"status": "running", "worker_id": "w1", "started_at": T0, "cancel_requested": False},
+            False,
+        ),
+    ],
+)
+def test_progress_writes_are_recognised(
+    record: dict[str, object], old: dict[str, object], progress: bool
+) -> None:
+    payload = change("UPDATE", **record)
+    payload["data"]["old_record"] = old  # type: ignore[index]
+    assert is_progress_write(payload) is progress

@@ -220,7 +220,7 @@ class SupabaseEvents:
         self._probe: AsyncRealtimeChannel | None = None
         self._gen = 0  # callbacks of an older channel or client are ignored
         self._subscribed = False  # the current channel's last status was SUBSCRIBED
-        self._subscribed_at = 0.0
+        self._last_error = ""  # the server's last complaint about the channel, for the outage log
         self._postgres_ready = False  # "Subscribed to PostgreSQL" since that SUBSCRIBED
         self._wake = asyncio.Event()
         self._down_since: float | None = None  # start of the current outage (or of the startup)
@@ -346,7 +346,8 @@ class SupabaseEvents:
         except Exception as exc:
             raise _Rebuild("client", f"join failed: {type(exc).__name__}: {exc}") from exc
         if not self._subscribed:
-            raise _Rebuild("channel", f"join refused ({channel.state.value})")
+            why = f": {self._last_error}" if self._last_error else ""
+            raise _Rebuild("channel", f"join refused ({channel.state.value}){why}")
 
     async def _watch(self) -> None:
         """Return never; raise _Rebuild when the stream is down past its grace period."""
@@ -354,6 +355,7 @@ class SupabaseEvents:
         assert client is not None and channel is not None
         disconnected_at: float | None = None
         unjoined_at: float | None = None
+        unready_at: float | None = None  # connected, but no changes flowing (across rejoins)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._t.check_interval)
@@ -371,21 +373,22 @@ class SupabaseEvents:
             disconnected_at = None
             if channel.is_closed or channel.is_leaving:
                 raise _Rebuild("channel", "channel closed by the server")
-            if not (channel.is_joined and self._subscribed):
+            joined = channel.is_joined and self._subscribed
+            unjoined_at = None if joined else unjoined_at or now
+            unready_at = None if joined and self._postgres_ready else unready_at or now
+            why = f" (last error: {self._last_error})" if self._last_error else ""
+            if unjoined_at is not None and now - unjoined_at >= self._t.rejoin_grace:
+                raise _Rebuild("channel", f"channel not joined after {self._t.rejoin_grace:g}s{why}")
+            if unready_at is not None and now - unready_at >= self._t.postgres_timeout:
+                # The client rejoins by itself, but a join the server answers and then refuses
+                # (an error instead of "Subscribed to PostgreSQL") would cycle forever.
+                raise _Rebuild("channel", f"no changes flowing after {self._t.postgres_timeout:g}s{why}")
+            if not joined:
                 self._mark_down(f"channel {channel.state.value}")
-                unjoined_at = unjoined_at or now
-                if now - unjoined_at >= self._t.rejoin_grace:
-                    raise _Rebuild("channel", f"channel not joined after {self._t.rejoin_grace:g}s")
-                continue
-            unjoined_at = None
-            if not self._postgres_ready:
+            elif not self._postgres_ready:
                 self._mark_down("waiting for Subscribed to PostgreSQL")
-                if now - self._subscribed_at >= self._t.postgres_timeout:
-                    raise _Rebuild(
-                        "channel",
-                        f"no Subscribed to PostgreSQL within {self._t.postgres_timeout:g}s of the join",
-                    )
-            self._heartbeat(now)
+            else:
+                self._heartbeat(now)
 
     def _heartbeat(self, now: float) -> None:
         """Send one of our own heartbeats when due; its reply or timeout lands in the callbacks."""
@@ -463,12 +466,16 @@ class SupabaseEvents:
                 return
             if status == RealtimeSubscribeStates.SUBSCRIBED:
                 self._subscribed = True
-                self._subscribed_at = time.monotonic()
                 self._postgres_ready = False
             else:
                 self._subscribed = False
                 self._postgres_ready = False
-                self._mark_down(f"channel {status.value}" + (f": {error}" if error else ""))
+                if error is not None:
+                    self._last_error = str(error)
+                # A refusal by the server (the table not in the publication, say) deserves its one
+                # warning even before the stream was ever up.
+                reason = f"channel {status.value}" + (f": {error}" if error else "")
+                self._mark_down(reason, failure=error is not None)
             self._wake.set()
         except Exception:
             self._log.exception("subscribe status callback failed")
@@ -529,8 +536,14 @@ class SupabaseEvents:
             task.cancel()
         if client is None:
             return
+        tasks = [getattr(client, name, None) for name in ("_listen_task", "_heartbeat_task")]
         try:
             async with asyncio.timeout(self._t.close_timeout):
                 await client.close()
         except Exception as exc:
             self._log.debug("closing the realtime client failed: {}", exc)
+        for own in tasks:
+            # A client that gave up raised from its own listen task, which nobody awaits: collect
+            # that exception here rather than have asyncio report it as never retrieved.
+            if isinstance(own, asyncio.Task) and own.done() and not own.cancelled() and own.exception():
+                self._log.debug("the realtime client had stopped: {}", own.exception())

@@ -1,0 +1,186 @@
+"""Dataset download from Supabase Storage: the agent's concurrent, cached fetch against one-by-one.
+
+    python bench/fetch.py [--quick]
+
+The dataset: 2,000 small files (1,000 synthetic 32 px JPEGs and their 1,000 label files, split
+800/200 into train and val) plus data.yaml, uploaded to a bucket of the Supabase stand-in
+(bench/standin_server.py, a subprocess), which then adds 20 ms to every Storage request.
+
+- files_per_s: a cold sync through the agent's own dataset code, exactly as DatasetPreparer
+  runs it for a `storage:bucket/path` dataset: the supabase backend's StorageSource (the
+  storage3 client on the backend's HTTP client) and agent.datasets' DatasetCache, Fetcher (retries,
+  size checks, DOWNLOAD_CONCURRENCY=16 at once) and sync_remote (YAML, folder listings, downloads),
+  timed from start to the complete cache marker. Files = files downloaded / seconds.
+- cache_speedup: the same sync again, with the cache now complete: cold seconds / warm seconds.
+  A warm sync still fetches the YAML and lists the folders (to see a dataset that changed) but
+  downloads nothing.
+- baseline_files_per_s: the old script's way, downloading one file after the other with the same
+  storage3 client into a folder (no cache, the old script downloaded per run), after listing
+  the same folders. --quick times the first 500 files of the listing (the rate is what counts).
+- speedup: files_per_s / baseline_files_per_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, Bench, Postgres, emit, log, machine, parse_args
+from bench.standin import start_standin
+
+BUCKET = "datasets"
+PREFIX = "bench/shapes"
+LATENCY_S = 0.020
+TRAIN, VAL = 800, 200
+
+
+def make_files(bench: Bench) -> tuple[Path, list[Path]]:
+    from agent.datasets.synthetic import make_dataset
+
+    yaml_path = make_dataset(bench.tmp / "dataset", "detect", train=TRAIN, val=VAL, imgsz=32)
+    root = yaml_path.parent
+    # A remote YAML's `path:` must stay inside its folder: drop the local absolute one.
+    yaml_path.write_text(
+        "\n".join(line for line in yaml_path.read_text().splitlines() if not line.startswith("path:"))
+    )
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return root, files
+
+
+async def upload(client: Any, root: Path, files: list[Path]) -> None:
+    from storage3.exceptions import StorageApiError
+
+    try:
+        await client.storage.create_bucket(BUCKET, options={"public": False})
+    except StorageApiError:
+        pass  # already there
+    bucket = client.storage.from_(BUCKET)
+    slots = asyncio.Semaphore(32)
+
+    async def one(path: Path) -> None:
+        key = f"{PREFIX}/{path.relative_to(root).as_posix()}"
+        ctype = "text/plain" if path.suffix in (".txt", ".yaml") else "image/jpeg"
+        async with slots:
+            await bucket.upload(key, path.read_bytes(), {"content-type": ctype, "upsert": "true"})
+
+    await asyncio.gather(*(one(p) for p in files))
+
+
+async def agent_sync(client: Any, http: Any, url: str, cache_root: Path) -> tuple[float, dict[str, int]]:
+    """One sync as DatasetPreparer._remote runs it; (seconds, its stats)."""
+    from loguru import logger
+
+    from agent.backends.supabase import storage_sources
+    from agent.config import Settings
+    from agent.datasets import RetryPolicy, parse_dataset_ref
+    from agent.datasets.cache import DatasetCache, Fetcher
+    from agent.datasets.sync import sync_remote
+
+    ref = parse_dataset_ref(f"storage:{BUCKET}/{PREFIX}/data.yaml", None, BUCKET)
+    started = time.monotonic()
+    source = storage_sources(client.storage, http, url)["storage"](ref)
+    try:
+        cache = DatasetCache(cache_root, source.cache_key)
+        fetcher = Fetcher(source, cache, RetryPolicy(), Settings().download_concurrency, logger)
+        async with cache.locked(logger):
+            _, stats = await sync_remote(source, ref.yaml_name, cache, fetcher, offline=False, log=logger)
+    finally:
+        await source.aclose()
+    return time.monotonic() - started, stats.as_dict()
+
+
+async def sequential(client: Any, dest: Path, limit: int | None) -> tuple[float, int]:
+    """The old way: list images/ and labels/, then download one file after the other."""
+    bucket = client.storage.from_(BUCKET)
+    started = time.monotonic()
+    names = [f"{PREFIX}/data.yaml"]
+    for folder in ("images/train", "images/val", "labels/train", "labels/val"):
+        entries = await bucket.list(f"{PREFIX}/{folder}", {"limit": 10000, "offset": 0})
+        names.extend(f"{PREFIX}/{folder}/{e['name']}" for e in entries if e.get("id"))
+    names = names[:limit] if limit else names
+    for name in names:
+        data = await bucket.download(name)
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return time.monotonic() - started, len(names)
+
+
+async def measure(
+    info: dict[str, str], root: Path, files: list[Path], tmp: Path, quick: bool
+) -> dict[str, Any]:
+    from agent.backends.supabase import connect_client
+    from agent.backends.supabase.transport import http_client
+
+    http = http_client()
+    try:
+        client = await connect_client(info["url"], info["service_role_key"], http)
+        started = time.monotonic()
+        await upload(client, root, files)
+        log(
+            f"uploaded {len(files)} files in {time.monotonic() - started:.1f}s (with {LATENCY_S * 1000:.0f} ms latency)"
+        )
+        cold_s, cold = await agent_sync(client, http, info["url"], tmp / "cache")
+        log(f"agent cold sync: {cold_s:.2f}s {cold}")
+        warm_s, warm = await agent_sync(client, http, info["url"], tmp / "cache")
+        log(f"agent warm sync: {warm_s:.3f}s {warm}")
+        base_s, base_n = await sequential(client, tmp / "old", 500 if quick else None)
+        log(f"old way: {base_n} files in {base_s:.1f}s")
+    finally:
+        await http.aclose()
+    if cold["downloaded"] < len(files) - 1:
+        raise RuntimeError(f"the agent downloaded {cold['downloaded']} of {len(files)} files")
+    files_per_s = cold["downloaded"] / cold_s
+    baseline = base_n / base_s
+    return {
+        "files": len(files),
+        "files_per_s": round(files_per_s, 1),
+        "baseline_files_per_s": round(baseline, 1),
+        "speedup": round(files_per_s / baseline, 1),
+        "first_fetch_s": round(cold_s, 3),
+        "cached_fetch_s": round(warm_s, 3),
+        "cache_speedup": round(cold_s / warm_s, 1),
+        "baseline_files": base_n,
+        "latency_ms": LATENCY_S * 1000,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.monotonic()
+    with Bench() as bench:
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+        root, files = make_files(bench)
+        pg = Postgres(bench)
+        db = pg.database()
+        info = start_standin(
+            bench,
+            db,
+            command=(str(REPO / "bench" / "standin_server.py"),),
+            extra=("--storage-latency", str(LATENCY_S)),
+        )
+        result = asyncio.run(measure(info, root, files, bench.tmp, args.quick))
+    emit(
+        {
+            "bench": "fetch",
+            "backend": "supabase",
+            **result,
+            "target_speedup": 8,
+            "target_cache_speedup": 50,
+            "met": result["speedup"] >= 8 and result["cache_speedup"] >= 50,
+            "wall_s": round(time.monotonic() - started, 1),
+            **machine(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
