@@ -7,6 +7,9 @@ import pytest
 
 from tests.pg import TestPostgres
 
+# The Supabase stand-in's `standin` fixture, for every test that needs it.
+pytest_plugins = ["tests.standin.fixtures"]
+
 # Ultralytics must never reach for the network in tests, in this process or in children.
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")

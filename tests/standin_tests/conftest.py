@@ -11,13 +11,12 @@ import pytest
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
 from supabase import AsyncClient, acreate_client
 
-from tests.standin.fixtures import standin  # noqa: F401  (the fixture, until tests/conftest.py loads it)
 from tests.standin.server import StandIn
 from tests.util import wait_for
 
 
 @pytest.fixture
-async def supabase(standin: StandIn) -> AsyncIterator[AsyncClient]:  # noqa: F811
+async def supabase(standin: StandIn) -> AsyncIterator[AsyncClient]:
     """The official async client with the service-role key."""
     client = await acreate_client(standin.url, standin.service_role_key)
     try:
@@ -81,7 +80,7 @@ async def subscribe(
 
 
 @pytest.fixture
-async def realtime_client(standin: StandIn) -> AsyncIterator[AsyncRealtimeClient]:  # noqa: F811
+async def realtime_client(standin: StandIn) -> AsyncIterator[AsyncRealtimeClient]:
     """A realtime client as the supabase client builds it, with short reconnect backoffs."""
     client = AsyncRealtimeClient(f"{standin.url}/realtime/v1", standin.service_role_key, initial_backoff=0.1)
     try:
