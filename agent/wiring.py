@@ -7,37 +7,21 @@ import contextlib
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loguru import logger
 
 from agent import __version__
+from agent.backends import Backends
 from agent.config import Settings, child_environment
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
-from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
 
 # Where pretrained weights come from; unreachable means the host trains offline.
 _ONLINE_PROBE = ("github.com", 443)
-
-
-@dataclass
-class Backends:
-    store: RunStore
-    admin: RunAdmin
-    events: RunEvents
-    blobs: BlobStore
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    database_url: str | None = None
-
-    async def close(self) -> None:
-        for close in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                await close()
 
 
 def embedded_database_url(settings: Settings) -> str:
@@ -122,12 +106,11 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
     from agent.training.supervisor import ChildTrainer
     from agent.training.weights import resolve_model
 
-    sources = dict(getattr(backends, "dataset_sources", {}) or {})
     datasets = DatasetPreparer(
         dataset_root=settings.dataset_root,
         cache_root=settings.cache_root,
         concurrency=settings.download_concurrency,
-        sources=sources or None,
+        sources=dict(backends.dataset_sources) or None,
         offline=offline,
         default_bucket=settings.supabase_datasets_bucket,
     )

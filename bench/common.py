@@ -403,6 +403,8 @@ def agent_env(
         PYTHONPATH=str(REPO),
         YOLO_OFFLINE="1",
         YOLO_AUTOINSTALL="0",
+        # A bench that stops early must not wait for a run in flight: stop and requeue it.
+        SHUTDOWN_MODE="release",
     )
     if supabase is not None:
         env.update(SUPABASE_URL=supabase["url"], SUPABASE_SERVICE_ROLE_KEY=supabase["service_role_key"])

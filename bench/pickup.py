@@ -9,8 +9,9 @@ the bench takes t1 when the claim's notification arrives, which is when the clai
 committed and became visible to other clients. Pickup = t1 - t0, both on this process's clock.
 It includes the LISTEN delivery to the bench, so it is a little pessimistic. As a cross-check,
 `server_*` gives the database's own view: clock_timestamp() inside the claim's UPDATE minus
-clock_timestamp() inside the INSERT (both recorded by bench triggers), which leaves out commit and
-delivery times. `started_at - created_at` is not used: both are transaction start times.
+clock_timestamp() inside the INSERT (both recorded by bench triggers); it includes the INSERT's
+commit but not the claim's commit nor the delivery to the bench. `started_at - created_at` is
+not used: both are transaction start times.
 
 Why sequential. Each insert must meet an idle agent, as a run submitted to a waiting host does:
 the agent runs with the default MAX_CONCURRENT_RUNS=1, and the next run is inserted only after
@@ -21,6 +22,11 @@ Baseline: the old script's way, simulated in this process on its own database: a
 every 10 s selects the claimable rows and claims each with an unconditional UPDATE. Runs are
 inserted at uniformly random times over several poll periods (the poller's phase is arbitrary
 for the app), and measured with the same trigger and listener; its expected p50 is about 5 s.
+
+With --backend supabase the agent talks only to the Supabase stand-in (Realtime and PostgREST);
+the bench still inserts and observes in Postgres directly: the app's insert is a committed
+INSERT whichever way it arrives. The baseline's poller runs its SQL directly too (the old script
+went through PostgREST; its 10 s period dominates either way).
 """
 
 from __future__ import annotations

@@ -210,7 +210,9 @@ async def _train(
 
     if tracker.done is None:
         return Failed(_crash_message(exit_, tracker))
-    log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).info("training finished")
+    log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).info(
+        "training finished"
+    )
     try:
         return await _completed(deps, lease, job, tracker)
     except (BackendError, BackendUnavailable, OSError) as exc:

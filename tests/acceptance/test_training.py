@@ -62,7 +62,8 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 def submit(database_url: str, data_yaml: Path | str, base_model: str = "YOLOv8n", **config: Any) -> str:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
-            "insert into training_runs (data_yaml, base_model, configuration) values (%s, %s, %s) returning id",
+            "insert into training_runs (data_yaml, base_model, configuration)"
+            " values (%s, %s, %s) returning id",
             (str(data_yaml), base_model, json.dumps({**SMALL, **config})),
         ).fetchone()
     assert row is not None

@@ -9,12 +9,11 @@ import pytest
 
 from agent.backends.supabase import SupabaseBackends, open_supabase
 from tests.standin import StandIn
-from tests.standin.fixtures import standin  # noqa: F401  (the fixture, shared with the stand-in's tests)
 from tests.supabase.harness import FAST, settings_for
 
 
 @pytest.fixture
-async def supa(standin: StandIn, tmp_path: Path) -> AsyncIterator[SupabaseBackends]:  # noqa: F811
+async def supa(standin: StandIn, tmp_path: Path) -> AsyncIterator[SupabaseBackends]:
     """The supabase backend of one agent, with fast supervisor timings."""
     backends = await open_supabase(settings_for(standin, tmp_path / "agent"), tuning=FAST)
     try:

@@ -187,9 +187,7 @@ async def test_a_channel_closed_by_the_server_is_joined_again(
 ) -> None:
     async with listening(events, Heard()) as heard:
         # As Realtime does when it shuts a channel down: phx_close, which the client never rejoins.
-        for conn in list(standin.realtime._connections):
-            for channel in list(conn.channels.values()):
-                standin.realtime._close_channel(channel)
+        standin.faults.close_channels()
         await wait_for(lambda: len(heard.catch_ups) == 2 and events.healthy, what="joined again")
         run_id = await supa.admin.submit(NEW)
         await wait_for(lambda: heard.for_run(run_id), what="insert after rejoin")

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-
 import httpx
 from realtime import AsyncRealtimeClient
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
+from agent.backends import Backends
 from agent.backends.supabase.blobs import SupabaseBlobs
 from agent.backends.supabase.events import RealtimeFactory, SupabaseEvents, Tuning, hint_from_change
 from agent.backends.supabase.sources import StorageSource, storage_sources
 from agent.backends.supabase.store import SupabaseStore, parse_row
 from agent.backends.supabase.transport import ServerUnavailable, http_client
 from agent.config import Settings
-from agent.datasets.remote import SourceFactory
 from agent.domain.errors import BackendError
-from agent.ports import BlobStore, RunAdmin, RunEvents, RunStore
 
 __all__ = [
     "ServerUnavailable",
@@ -37,22 +32,7 @@ __all__ = [
 ]
 
 
-@dataclass
-class SupabaseBackends:
-    """The fields of agent.wiring.Backends, plus the Storage dataset sources for DatasetPreparer."""
-
-    store: RunStore
-    admin: RunAdmin
-    events: RunEvents
-    blobs: BlobStore
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    database_url: str | None = None
-    dataset_sources: Mapping[str, SourceFactory] = field(default_factory=dict)
-
-    async def close(self) -> None:
-        for close in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                await close()
+SupabaseBackends = Backends
 
 
 async def connect_client(url: str, key: str, http: httpx.AsyncClient) -> AsyncClient:

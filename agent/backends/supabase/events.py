@@ -3,11 +3,10 @@
 Known gaps of Realtime and of realtime-py 2.34.1, and what this module does about each:
 
 - Changes committed before the server's `system` "Subscribed to PostgreSQL" message are not
-  delivered, although the join was answered (SUBSCRIBED) earlier: the stream counts as healthy,
-  and `on_subscribed` (the core's catch-up poll) runs, on every such message, that is once per
-  (re)join, after the last change that could have been missed. A poll at SUBSCRIBED would run
-  too early to catch the changes of that window. A join that gets no such message within
-  `postgres_timeout` is rebuilt.
+  delivered, although the join was answered (SUBSCRIBED) earlier. So the stream counts as healthy,
+  and `on_subscribed` (the core's catch-up poll) runs, at every such message: once per (re)join,
+  after the last change that could have been missed. A poll at SUBSCRIBED would run too early to
+  see the changes of that window. A join with no such message within `postgres_timeout` is rebuilt.
 - After `max_retries` failed reconnects the client gives up and stays silent with no socket
   (realtime/_async/client.py `connect`, the `raise` after the retry loop, inside its listen task):
   the supervisor rebuilds the whole client when the socket stays down past `reconnect_grace`.
@@ -85,19 +84,17 @@ def _change_type(data: dict[str, Any]) -> str:
 
 
 def is_progress_write(payload: object) -> bool:
-    """An UPDATE that changed none of the columns agents act on (a heartbeat or progress write).
-
-    With the old row image (replica identity full) the columns are compared. Without it, an owned
-    run with no cancel request whose heartbeat differs from its start is a progress write: a claim
-    writes both stamps with one value, and any other change agents act on alters status or
-    cancel_requested.
-    """
+    """An UPDATE that changed none of the columns agents act on (a heartbeat or progress write)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
         return False
     data = payload["data"]
     record, old = data.get("record"), data.get("old_record")
     if _change_type(data) != "UPDATE" or not isinstance(record, dict):
         return False
+    # With the old row image (replica identity full), compare the columns. Without it, an owned
+    # run with no cancel request whose heartbeat differs from its start is a progress write: a
+    # claim writes both stamps with one value, and every other change agents act on alters status
+    # or cancel_requested.
     if isinstance(old, dict) and all(key in old for key in _WATCHED):
         return all(
             _same_time(old.get(k), record.get(k)) if k == "started_at" else old.get(k) == record.get(k)
@@ -269,7 +266,7 @@ class SupabaseEvents:
                         reraise=True,
                     ):
                         with attempt:
-                            await self._session()
+                            await self._stream_once()
                 except _Stable as stable:
                     self._up_since = None
                     await self._apply(stable.rebuild, attempt=0)
@@ -277,7 +274,7 @@ class SupabaseEvents:
             self._healthy = False
             await self._close_client()
 
-    async def _session(self) -> None:
+    async def _stream_once(self) -> None:
         """Connect and join as needed, then watch; raises _Rebuild (or _Stable) when it goes down."""
         if self._client is None:
             await self._open_client()

@@ -326,12 +326,10 @@ class SupabaseStore:
         return bool(rows)
 
     async def rescue_stale(self, stale_after_s: float, max_attempts: int) -> RescueReport:
-        """Requeue or end runs whose owner stopped heartbeating, as the postgres backend does.
-
-        Each PATCH carries the staleness condition, so a heartbeat that lands first wins. Stale runs
-        with a cancel request end `canceled` and are reported in `failed` with the runs that used up
-        their attempts. Rows with no heartbeat (claimed by the old script) are never stale.
-        """
+        """Requeue or end runs whose owner stopped heartbeating, as the postgres backend does."""
+        # Each PATCH carries the staleness condition, so a heartbeat that lands first wins. Stale
+        # runs with a cancel request end `canceled` and are reported in `failed` with the runs that
+        # used up their attempts. Rows with no heartbeat (claimed by the old script) are never stale.
         cutoff = (
             datetime.now(UTC) - timedelta(seconds=float(stale_after_s) + self._clock_skew_margin)
         ).isoformat()
