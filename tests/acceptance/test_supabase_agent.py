@@ -1,0 +1,211 @@
+"""`saturnos-agent run` with only SUPABASE_URL and a service-role key, against the stand-in.
+
+Everything crosses real sockets: the stand-in and the agent are separate OS processes, the test
+talks to the stand-in through the official supabase client as the web app would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from supabase import AsyncClient, acreate_client
+
+from agent.datasets.synthetic import make_dataset
+from tests.acceptance.agentproc import REPO, AgentProc
+from tests.acceptance.test_lifecycle import pid_alive
+from tests.util import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Project:
+    url: str
+    service_role_key: str
+    proc: subprocess.Popen[str]
+
+
+@pytest.fixture
+def project(database_url: str, tmp_path: Path) -> Iterator[Project]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.standin",
+            "--database-url",
+            database_url,
+            "--storage-dir",
+            str(tmp_path / "storage"),
+            "--publish",
+            "public.training_runs",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        yield Project(info["url"], info["service_role_key"], proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture
+async def app(project: Project) -> AsyncIterator[AsyncClient]:
+    """The web app's view: the official async client."""
+    client = await acreate_client(project.url, project.service_role_key)
+    yield client
+
+
+@pytest.fixture
+def agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
+    env.update(
+        SUPABASE_URL=project.url,
+        SUPABASE_SERVICE_ROLE_KEY=project.service_role_key,
+        ARTIFACT_URL_MODE="signed",
+        DATA_DIR=str(tmp_path / "agent"),
+        WORKER_ID="gpu-7",
+        OFFLINE="1",
+        LOG_JSON="1",
+        # Slow poll and heartbeats: a pickup or a cancel within a second can only come from Realtime.
+        POLL_INTERVAL="600",
+        HEARTBEAT_INTERVAL="30",
+        STALE_AFTER="300",
+        PYTHONPATH=str(REPO),
+    )
+    proc = AgentProc(env, tmp_path / "agent.log").start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+async def upload_dataset(app: AsyncClient, root: Path, bucket: str = "datasets") -> str:
+    await app.storage.create_bucket(bucket)
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    for path in files:
+        body = path.read_bytes()
+        if path.name == "data.yaml":
+            # As uploaded by the app: relative to the YAML (a host's absolute path is refused).
+            body = re.sub(rb"(?m)^path:.*$", b"path: .", body)
+        await app.storage.from_(bucket).upload(path.relative_to(root.parent).as_posix(), body)
+    return f"storage:{bucket}/{root.name}/data.yaml"
+
+
+async def row(app: AsyncClient, run_id: str) -> dict[str, Any]:
+    result = await app.table("training_runs").select("*").eq("id", run_id).execute()
+    return dict(result.data[0])
+
+
+async def wait_row(app: AsyncClient, run_id: str, *statuses: str, timeout: float) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        r = await row(app, run_id)
+        return r if r["status"] in statuses else None
+
+    return await wait_for(check, timeout=timeout, interval=0.01, what=f"{run_id} in {statuses}")
+
+
+async def wait_agent_ready(agent: AgentProc) -> None:
+    await asyncio.to_thread(agent.wait_ready, 60)
+
+
+async def test_realtime_pickup_storage_dataset_training_and_signed_artifacts(
+    app: AsyncClient, agent: AgentProc, tmp_path: Path
+) -> None:
+    data_yaml = await upload_dataset(
+        app, make_dataset(tmp_path / "shapes", "detect", train=16, val=4, imgsz=64).parent
+    )
+    await wait_agent_ready(agent)
+    config = {
+        "epochs": 2,
+        "imgSize": 64,
+        "batchSize": 8,
+        "pretrained": False,
+        "device": "cpu",
+        "plots": False,
+    }
+
+    inserted = (
+        await app.table("training_runs")
+        .insert({"data_yaml": data_yaml, "base_model": "YOLOv8n", "configuration": config})
+        .execute()
+    )
+    submitted = time.monotonic()
+    run_id = inserted.data[0]["id"]
+    await wait_row(app, run_id, "running", "completed", "failed", timeout=5)
+    picked_up = time.monotonic() - submitted
+    final = await wait_row(app, run_id, "completed", "failed", timeout=240)
+
+    assert final["status"] == "completed", final["error_message"]
+    assert picked_up < 1.0, f"picked up after {picked_up:.3f}s"
+    assert final["worker_id"] == "gpu-7" and final["attempt"] == 1
+    run_dir = Path(final["results"]["run_dir"])
+    async with httpx.AsyncClient() as http:
+        for artifact in final["results"]["artifacts"]:
+            assert artifact["path"].startswith(f"training_runs/{run_id}/")
+            assert "token=" in artifact["url"], "signed mode must give signed URLs"
+            got = await http.get(artifact["url"])
+            assert got.status_code == 200, artifact
+            local = run_dir / artifact["path"].removeprefix(f"training_runs/{run_id}/")
+            assert got.content == local.read_bytes(), artifact["name"]
+    assert final["trained_model_url"].split("?")[0].endswith(f"training_runs/{run_id}/weights/best.pt")
+
+
+async def test_the_cancel_button_stops_a_real_training_within_about_a_second(
+    app: AsyncClient, agent: AgentProc, tmp_path: Path
+) -> None:
+    data_yaml = await upload_dataset(
+        app, make_dataset(tmp_path / "long", "detect", train=32, val=4, imgsz=64).parent
+    )
+    await wait_agent_ready(agent)
+    config = {
+        "epochs": 100,
+        "imgSize": 64,
+        "batchSize": 2,
+        "pretrained": False,
+        "device": "cpu",
+        "plots": False,
+        "task": "detect",
+    }
+    inserted = (
+        await app.table("training_runs")
+        .insert({"data_yaml": data_yaml, "base_model": "YOLOv8n", "configuration": config})
+        .execute()
+    )
+    run_id = inserted.data[0]["id"]
+
+    async def mid_epoch() -> bool:
+        progress = ((await row(app, run_id))["results"] or {}).get("progress") or {}
+        return progress.get("batch", 0) > 0
+
+    await wait_for(mid_epoch, timeout=120, what="training mid-epoch")
+    started = [r for r in agent.logged("trainer started") if r.get("run_id") == run_id]
+    pid = int(started[0]["pid"])
+
+    await app.table("training_runs").update({"cancel_requested": True}).eq("id", run_id).execute()
+    pressed = time.monotonic()
+    await wait_for(lambda: not pid_alive(pid), timeout=10, interval=0.01, what="trainer gone")
+    stopped = time.monotonic() - pressed
+    final = await wait_row(app, run_id, "canceled", timeout=10)
+    row_done = time.monotonic() - pressed
+
+    assert stopped < 1.5, f"trainer stopped {stopped:.3f}s after the cancel"
+    assert row_done < 3.0, f"row canceled {row_done:.3f}s after the cancel"
+    assert final["error_message"] == "Canceled by user." and final["canceled_at"] is not None
