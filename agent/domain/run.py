@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -9,6 +11,17 @@ from typing import Any, Literal
 from agent.domain.status import RunStatus, WorkerStatus
 
 JsonDict = dict[str, Any]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as null: JSON has no NaN, and a NaN loss must not fail a run."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ from storage3.exceptions import StorageApiError
 from agent.backends.supabase import ServerUnavailable, hint_from_change, parse_row
 from agent.backends.supabase.events import is_progress_write
 from agent.backends.supabase.sources import _entry, origin_of
-from agent.backends.supabase.transport import json_safe, translate
+from agent.backends.supabase.transport import translate
 from agent.domain.errors import BackendError, BackendUnavailable, NotFound
+from agent.domain.run import json_safe
 from agent.domain.status import RunStatus
 
 RUN = "5f0c1d2e-0000-4000-8000-000000000001"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from agent.domain.run import (
     RunRow,
     WorkerInfo,
     WorkerState,
+    json_safe,
 )
 from agent.domain.status import RunStatus, is_claimable
 
@@ -50,19 +50,9 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _as_jsonb(value: Any) -> Any:
     """A detached copy as Postgres would store it in a jsonb column."""
-    return json.loads(json.dumps(_json_safe(value)))
+    return json.loads(json.dumps(json_safe(value)))
 
 
 @dataclass

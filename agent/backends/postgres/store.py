@@ -32,6 +32,7 @@ from agent.domain.run import (
     RunRow,
     WorkerInfo,
     WorkerState,
+    json_safe,
 )
 from agent.domain.status import RunStatus
 
@@ -40,17 +41,6 @@ Conn = psycopg.AsyncConnection[DictRow]
 # Rows with a status the agent does not know (written by a newer app, or by hand) are never
 # claimable, since the SQL predicates list the statuses; `get` returns None for them and
 # `list_runs` skips them, each with a warning, so that one odd row cannot stop the agent.
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as null: jsonb rejects NaN, and a NaN loss must not fail a run."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _jsonb(value: Any) -> Jsonb:

@@ -29,7 +29,7 @@ from postgrest import AsyncQueryRequestBuilder, AsyncRequestBuilder, AsyncSelect
 from postgrest.types import ReturnMethod
 from supabase import AsyncClient
 
-from agent.backends.supabase.transport import boundary, json_safe, utc_now
+from agent.backends.supabase.transport import boundary, utc_now
 from agent.domain.errors import BackendError
 from agent.domain.run import (
     CANCELED_MESSAGE,
@@ -46,6 +46,7 @@ from agent.domain.run import (
     RunRow,
     WorkerInfo,
     WorkerState,
+    json_safe,
 )
 from agent.domain.status import CLAIMABLE_STATUSES, RunStatus
 

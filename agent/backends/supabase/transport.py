@@ -6,11 +6,9 @@ as BackendUnavailable (the core retries those), anything else as BackendError.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 from postgrest import APIError
@@ -123,14 +121,3 @@ def boundary(what: str) -> Iterator[None]:
 def utc_now() -> str:
     """This host's UTC clock as PostgREST takes it; see store.py on clock skew."""
     return datetime.now(UTC).isoformat()
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as null: JSON has no NaN, and a NaN loss must not fail a run."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
