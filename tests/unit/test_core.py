@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +47,10 @@ class ScriptedProcess:
                 except TimeoutError:
                     pass
                 yield BatchProgress(epoch, req.epochs, batch, 2, {"box_loss": 1.0 / epoch}, eta_seconds=1.0)
-            yield EpochEnd(
-                epoch, req.epochs, {"metrics/mAP50(B)": 0.1 * epoch, "metrics/mAP50-95(B)": 0.05 * epoch}
-            )
+            (save / "weights").mkdir(parents=True, exist_ok=True)
+            (save / "weights" / "last.pt").write_bytes(f"epoch {epoch}".encode())
+            metrics = {"metrics/mAP50(B)": 0.1 * epoch, "metrics/mAP50-95(B)": 0.05 * epoch}
+            yield EpochEnd(epoch, req.epochs, metrics, checkpoint=str(save / "weights" / "last.pt"))
         (save / "weights").mkdir(parents=True, exist_ok=True)
         for name in ("weights/best.pt", "weights/last.pt", "results.csv", "args.yaml"):
             (save / name).write_bytes(b"x")
@@ -269,3 +271,26 @@ def test_progress_tracker_percent_and_eta() -> None:
     t.update(EpochEnd(2, 4, {"metrics/mAP50(B)": 0.3}))
     assert t.percent == 50.0 and t.urgent and t.metrics == {"metrics/mAP50(B)": 0.3}
     assert hhmmss(None) is None and hhmmss(59.6) == "00:01:00"
+
+
+async def test_a_rescued_run_resumes_from_the_uploaded_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"checkpoint of attempt 1")
+    async with harness(tmp_path / "runs") as h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1), attempt=1)
+        await h.blobs.upload(f"training_runs/{run_id}/checkpoints/last.pt", ckpt, "application/octet-stream")
+        await wait_for(lambda: _done(h, run_id), timeout=5)
+    job = h.trainer.started[0].job
+    assert h.store.runs[run_id].attempt == 2
+    assert job.resume_from is not None and job.resume_from.read_bytes() == b"checkpoint of attempt 1"
+
+
+async def test_checkpoints_are_uploaded_during_training(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.agent.deps = dataclasses.replace(
+        h.agent.deps, settings=dataclasses.replace(h.agent.deps.settings, checkpoint_interval=0.01)
+    )
+    async with h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=3))
+        await wait_for(lambda: _done(h, run_id), timeout=5)
+    assert f"training_runs/{run_id}/checkpoints/last.pt" in h.blobs.objects

@@ -31,6 +31,8 @@ from agent.datasets.remote import (
 from agent.domain.errors import BackendUnavailable, DatasetError, NotFound
 
 PAGE_SIZE = 1000
+# Bodies up to this size are written on the event loop: a thread hand-off costs more than the write.
+_INLINE_WRITE = 256 * 1024
 _MAX_DEPTH = 32
 # The dashboard's marker object for an empty folder: not part of any dataset.
 _PLACEHOLDER = ".emptyFolderPlaceholder"
@@ -54,6 +56,12 @@ def _remote_error(exc: BaseException, what: str) -> RemoteError:
 def _write(dest: Path, data: bytes) -> int:
     dest.write_bytes(data)
     return len(data)
+
+
+async def _save(dest: Path, data: bytes) -> int:
+    if len(data) <= _INLINE_WRITE:
+        return _write(dest, data)
+    return await asyncio.to_thread(_write, dest, data)
 
 
 class StorageSource:
@@ -147,7 +155,7 @@ class StorageSource:
             data = await self._storage.from_(ref.bucket).download(self._object(path))
         except TRANSLATED as exc:
             raise _remote_error(exc, what) from exc
-        return await asyncio.to_thread(_write, dest, data)
+        return await _save(dest, data)
 
     async def _fetch_signed(self, url: str, dest: Path, what: str) -> int | None:
         """The object through its signed URL; None when the token is refused (expired): use the key."""
@@ -156,7 +164,7 @@ class StorageSource:
         except TRANSLATED as exc:
             raise _remote_error(exc, what) from exc
         if response.status_code == 200:
-            return await asyncio.to_thread(_write, dest, response.content)
+            return await _save(dest, response.content)
         if response.status_code in (404, 410) or "not_found" in response.text or "not found" in response.text:
             raise RemoteNotFound(f"{what}: HTTP {response.status_code}")
         return None
