@@ -58,6 +58,7 @@ class Settings:
     kill_grace: float = 3.0
     offline: bool | None = None  # None: probe at start
     download_concurrency: int = 16
+    dataset_relist_after: float = 0.0  # 0: list a remote dataset's folders at every run
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -114,6 +115,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name.upper(), str(getattr(self, name)), "must be > 0")
+        if self.dataset_relist_after < 0:
+            raise ConfigError("DATASET_RELIST_AFTER", str(self.dataset_relist_after), "must be >= 0")
         for name in ("max_attempts", "max_concurrent_runs", "download_concurrency", "signed_url_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(name.upper(), str(getattr(self, name)), "must be >= 1")

@@ -113,6 +113,7 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         sources=dict(backends.dataset_sources) or None,
         offline=offline,
         default_bucket=settings.supabase_datasets_bucket,
+        relist_after=settings.dataset_relist_after,
     )
     trainer = ChildTrainer(
         stop_grace=settings.stop_grace,
