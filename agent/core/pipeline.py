@@ -131,7 +131,11 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
             await finalize(deps, lease, Failed(str(exc)), log)
             return
 
-        proc = await deps.trainer.start(job)
+        try:
+            proc = await deps.trainer.start(job)
+        except OSError as exc:
+            await finalize(deps, lease, Failed(f"Could not start the trainer process: {exc}"), log)
+            return
         control.pid = proc.pid
         log.bind(pid=proc.pid, trainer=request.trainer).info("trainer started")
         heartbeat.cancel()
@@ -222,9 +226,11 @@ async def _train(
 async def _stop_training(
     deps: Deps, lease: Lease, proc: TrainingProcess, control: RunControl, why: Interrupt, log: Any
 ) -> Outcome | None:
+    # The stop goes out first: the `canceling` write must not delay the child by a round trip.
+    stopping = asyncio.ensure_future(proc.stop(why))
     if why == "cancel":
         await _write_canceling(deps, lease, log)
-    exit_ = await proc.stop(why)
+    exit_ = await stopping
     latency = None if control.cancel_heard_at is None else time.monotonic() - control.cancel_heard_at
     log.bind(reason=why, returncode=exit_.returncode, stop_s=latency and round(latency, 3)).info(
         "trainer stopped"
