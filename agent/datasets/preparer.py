@@ -41,15 +41,22 @@ class DatasetPreparer:
         offline: bool = False,
         default_bucket: str = "datasets",
         http_timeout: float = 60.0,
+        relist_after: float = 0.0,
     ) -> None:
+        """`relist_after`: seconds for which a remote dataset's last listing is trusted while its YAML
+        is unchanged, so a run that follows soon after another skips the folder listings (it then
+        does not see files added meanwhile); 0 lists on every run."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if relist_after < 0:
+            raise ValueError("relist_after must be >= 0")
         self.dataset_root = dataset_root.absolute() if dataset_root is not None else None
         self.cache_root = cache_root.absolute()
         self.concurrency = concurrency
         self.retry = retry or RetryPolicy()
         self.offline = offline
         self.default_bucket = default_bucket
+        self.relist_after = relist_after
 
         def http(ref: HttpRef | StorageRef) -> RemoteSource:
             return HttpSource.create(ref, concurrency=concurrency, timeout=http_timeout)
@@ -107,7 +114,13 @@ class DatasetPreparer:
             # Held while the workspace links the cached files, so a concurrent sync cannot swap them midway.
             async with cache.locked(cache_log):
                 plan, stats = await sync_remote(
-                    source, ref.yaml_name, cache, fetcher, offline=self.offline, log=cache_log
+                    source,
+                    ref.yaml_name,
+                    cache,
+                    fetcher,
+                    offline=self.offline,
+                    log=cache_log,
+                    relist_after=self.relist_after,
                 )
                 cache_log.bind(seconds=round(time.monotonic() - started, 2), **stats.as_dict()).info(
                     "dataset synced"

@@ -6,13 +6,21 @@ background image), or from folder listings of the split folders and their `label
 fetches the YAML, the lists and the listings again (they are small) and downloads only files that
 the cache lacks, so a later run reuses the cache and still sees a dataset that grew. With the source
 unreachable (or the agent offline) a cache whose last sync completed is used as it is.
+
+The manifest probe goes out with the YAML, and every listing and list file a YAML names at once:
+a sync costs a few round trips, not one per folder. With `relist_after` > 0, a complete cache whose
+listing is younger than that many seconds and whose YAML came back byte for byte the same is used
+without listing again: one request per run, at the price of not seeing files added meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import posixpath
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,33 +76,62 @@ class _Index:
 
 
 async def sync_remote(
-    source: RemoteSource, yaml_name: str, cache: DatasetCache, fetcher: Fetcher, *, offline: bool, log: Any
+    source: RemoteSource,
+    yaml_name: str,
+    cache: DatasetCache,
+    fetcher: Fetcher,
+    *,
+    offline: bool,
+    log: Any,
+    relist_after: float = 0.0,
 ) -> tuple[DatasetPlan, SyncStats]:
-    """The dataset's plan, every file it names present in the cache; the caller holds the cache lock."""
+    """The dataset's plan, every file it names present in the cache; the caller holds the cache lock.
+
+    `relist_after`: seconds for which a complete cache's listing is trusted while the YAML stays
+    byte-identical (0: list on every sync).
+    """
     stats = SyncStats()
     previous = await asyncio.to_thread(cache.read_marker)
     if offline and previous is not None:
         log.info("offline: using the cached dataset")
         return await _from_marker(source, cache, previous, stats)
+    reusable = previous is not None and _listing_fresh(previous, yaml_name, relist_after)
+    # A listing that may be reused needs no manifest; otherwise it rides along with the YAML.
+    manifest = None if reusable else asyncio.ensure_future(_manifest(fetcher))
     try:
-        await fetcher.fetch(yaml_name)
-    except RemoteNotFound as exc:
-        raise DatasetError(f"dataset YAML not found: {source.describe(yaml_name)}") from exc
-    except DownloadFailed as exc:
-        if previous is None:
-            raise
-        log.bind(error=str(exc)).warning(
-            "dataset source unreachable; using the cache of its last complete download"
-        )
-        return await _from_marker(source, cache, previous, stats)
-    await asyncio.to_thread(cache.clear_marker)
-    text = await asyncio.to_thread(_read_text, cache, yaml_name)
-    spec = load_spec(text, source.describe(yaml_name))
-    index = await _index(source, spec, yaml_name, fetcher, previous)
+        try:
+            await fetcher.fetch(yaml_name)
+        except RemoteNotFound as exc:
+            raise DatasetError(f"dataset YAML not found: {source.describe(yaml_name)}") from exc
+        except DownloadFailed as exc:
+            if previous is None:
+                raise
+            log.bind(error=str(exc)).warning(
+                "dataset source unreachable; using the cache of its last complete download"
+            )
+            return await _from_marker(source, cache, previous, stats)
+        data = await asyncio.to_thread((cache.files / yaml_name).read_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        if reusable and previous is not None and previous.get("yaml_sha256") == digest:
+            reused = await _reuse(source, cache, previous, fetcher, stats, log)
+            if reused is not None:
+                return reused
+        if manifest is None:
+            manifest = asyncio.ensure_future(_manifest(fetcher))
+        await asyncio.to_thread(cache.clear_marker)
+        spec = load_spec(_decode(data, yaml_name), source.describe(yaml_name))
+        listed_at = time.time()
+        index = await _index(source, spec, yaml_name, fetcher, previous, manifest)
+    finally:
+        if manifest is not None:
+            manifest.cancel()
+            await asyncio.gather(manifest, return_exceptions=True)
     await _download(index, cache, fetcher, previous, stats)
     files = await asyncio.to_thread(_sizes, cache, index, yaml_name)
     content = {
         "yaml": yaml_name,
+        "yaml_sha256": digest,
+        "listed_at": listed_at,
         "root": index.root,
         "splits": {k: {"images": list(v.images), "directory": v.directory} for k, v in index.splits.items()},
         "labels": sorted(index.labels),
@@ -127,31 +164,91 @@ def remote_root(path: str | None, where: str) -> str:
         ) from exc
 
 
+def _listing_fresh(marker: dict[str, Any], yaml_name: str, relist_after: float) -> bool:
+    listed_at = marker.get("listed_at")
+    if relist_after <= 0 or marker.get("yaml") != yaml_name or not isinstance(listed_at, int | float):
+        return False
+    # Wall clock: the marker outlives the process. A listing from the future (clock set back) is stale.
+    return 0 <= time.time() - listed_at < relist_after
+
+
+async def _reuse(
+    source: RemoteSource,
+    cache: DatasetCache,
+    marker: dict[str, Any],
+    fetcher: Fetcher,
+    stats: SyncStats,
+    log: Any,
+) -> tuple[DatasetPlan, SyncStats] | None:
+    """The plan of a complete cache, its listing young enough and its YAML unchanged; None: re-list."""
+    try:
+        plan, stats = await _from_marker(source, cache, marker, stats)
+    except DatasetError as exc:
+        log.bind(error=str(exc)).info("cached dataset incomplete; listing the source again")
+        return None
+    # The YAML was downloaded again, so it is not counted as cached, just as a sync that lists.
+    stats.offline_reuse, stats.cached = 0, stats.cached - (marker["yaml"] in marker["files"])
+    stats.downloaded, stats.bytes = fetcher.downloaded, fetcher.bytes
+    log.bind(listed_s_ago=round(time.time() - float(marker["listed_at"]), 1)).debug(
+        "dataset YAML unchanged and its listing recent: using the cache without listing"
+    )
+    return plan, stats
+
+
 async def _index(
-    source: RemoteSource, spec: DatasetSpec, yaml_name: str, fetcher: Fetcher, previous: dict[str, Any] | None
+    source: RemoteSource,
+    spec: DatasetSpec,
+    yaml_name: str,
+    fetcher: Fetcher,
+    previous: dict[str, Any] | None,
+    manifest_fetch: Awaitable[list[RemoteFile] | None],
 ) -> _Index:
     where = source.describe(yaml_name)
     index = _Index(root=remote_root(spec.path, where))
-    manifest = await _manifest(fetcher)
+    manifest = await manifest_fetch
     for f in manifest or []:
         inside = _inside(index.root, f.path)
         if inside is not None and f.path.endswith(".txt"):
             index.listed.add(inside)
     old_absent = set(previous.get("absent", [])) if previous and previous.get("root") == index.root else set()
+    # Every entry is checked first, then every list file and folder listing is fetched at once;
+    # their results are used in the YAML's order, so the plan and the first error are as one by one.
+    checked: dict[str, list[tuple[str, str]]] = {}
     for name, entries in spec.splits.items():
-        images: list[str] = []
-        folders: list[str] = []
+        checked[name] = []
         for entry in entries:
             what = f"dataset YAML '{name}: {entry}'"
             rel = split_entry(index.root, entry, what)
             _under(index.root, rel, what)
+            checked[name].append((rel, what))
+    text_tasks: dict[str, asyncio.Task[str]] = {}
+    listing_tasks: dict[str, asyncio.Task[list[RemoteFile]]] = {}
+    in_order: list[asyncio.Task[Any]] = []
+    for rel, what in (item for items in checked.values() for item in items):
+        if rel.endswith(".txt"):
+            if rel not in text_tasks:
+                text_tasks[rel] = asyncio.create_task(_fetch_list(fetcher, rel, what))
+                in_order.append(text_tasks[rel])
+        elif not is_image(rel) and manifest is None:
+            for folder in _listed_folders(rel):
+                if folder not in listing_tasks:
+                    listing_tasks[folder] = asyncio.create_task(_list_folder(fetcher, folder, what))
+                    in_order.append(listing_tasks[folder])
+    await _in_order(in_order)
+    texts = {rel: task.result() for rel, task in text_tasks.items()}
+    listings = {folder: task.result() for folder, task in listing_tasks.items()}
+    for name, items in checked.items():
+        images: list[str] = []
+        folders: list[str] = []
+        for rel, what in items:
             if rel.endswith(".txt"):
-                images.extend(await _from_list(fetcher, index, rel, what))
+                images.extend(_from_list(index, rel, texts[rel], what))
             elif is_image(rel):
                 images.append(_under(index.root, rel, what))
             else:
                 folders.append(rel)
-                images.extend(await _from_folder(fetcher, index, manifest, rel, what))
+                images.extend(_from_folder(index, manifest, listings, rel))
+        entries = spec.splits[name]
         if not images:
             shown = ", ".join(source.describe(e) for e in folders or entries)
             raise DatasetError(
@@ -180,10 +277,40 @@ async def _manifest(fetcher: Fetcher) -> list[RemoteFile] | None:
     return [RemoteFile(join_rel("", line, f"{MANIFEST} line {line!r}")) for line in list_lines(text)]
 
 
-async def _from_list(fetcher: Fetcher, index: _Index, rel: str, what: str) -> list[str]:
+async def _in_order(tasks: list[asyncio.Task[Any]]) -> None:
+    """Await tasks running at once in their order: the first failure in that order cancels the rest."""
+    try:
+        for task in tasks:
+            await task
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _listed_folders(rel: str) -> list[str]:
+    """An images folder is listed with its labels twin."""
+    twin = labels_folder(rel)
+    return [rel] if twin is None else [rel, twin]
+
+
+async def _fetch_list(fetcher: Fetcher, rel: str, what: str) -> str:
     if await fetcher.fetch_optional(rel) is None:
         raise DatasetError(f"{what}: list file not found: {fetcher.source.describe(rel)}")
-    text = await asyncio.to_thread(_read_text, fetcher.cache, rel)
+    return await asyncio.to_thread(_read_text, fetcher.cache, rel)
+
+
+async def _list_folder(fetcher: Fetcher, folder: str, what: str) -> list[RemoteFile]:
+    try:
+        return await fetcher.list_files(folder)
+    except ListingUnavailable as exc:
+        raise DatasetError(
+            f"{what}: cannot list {fetcher.source.describe(folder)}/ ({exc}); "
+            f"serve directory listings, or put {MANIFEST} beside the YAML, or list images in .txt files"
+        ) from exc
+
+
+def _from_list(index: _Index, rel: str, text: str, what: str) -> list[str]:
     folder = posixpath.dirname(rel)
     images = []
     for line in list_lines(text):
@@ -195,26 +322,16 @@ async def _from_list(fetcher: Fetcher, index: _Index, rel: str, what: str) -> li
     return images
 
 
-async def _from_folder(
-    fetcher: Fetcher, index: _Index, manifest: list[RemoteFile] | None, rel: str, what: str
+def _from_folder(
+    index: _Index, manifest: list[RemoteFile] | None, listings: dict[str, list[RemoteFile]], rel: str
 ) -> list[str]:
-    folders = [rel]
-    twin = labels_folder(rel)
-    if twin is not None:
-        folders.append(twin)
     listed: list[RemoteFile] = []
-    for folder in folders:
+    for folder in _listed_folders(rel):
         if manifest is not None:
             prefix = folder + "/" if folder else ""
             listed.extend(f for f in manifest if f.path.startswith(prefix))
-            continue
-        try:
-            listed.extend(await fetcher.list_files(folder))
-        except ListingUnavailable as exc:
-            raise DatasetError(
-                f"{what}: cannot list {fetcher.source.describe(folder)}/ ({exc}); "
-                f"serve directory listings, or put {MANIFEST} beside the YAML, or list images in .txt files"
-            ) from exc
+        else:
+            listed.extend(listings[folder])
     images = []
     for f in listed:
         inside = _inside(index.root, f.path)
@@ -319,20 +436,24 @@ def _inside(root: str, rel: str) -> str | None:
 
 
 def _read_text(cache: DatasetCache, rel: str) -> str:
-    path = cache.files / rel
+    return _decode((cache.files / rel).read_bytes(), rel)
+
+
+def _decode(data: bytes, rel: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{rel} is not UTF-8 text") from exc
 
 
 def _sizes(cache: DatasetCache, index: _Index, yaml_name: str) -> dict[str, int]:
     # The YAML is listed too: a cache reused offline must hold the YAML its plan was made from.
-    sizes: dict[str, int] = {yaml_name: os.stat(cache.files / yaml_name).st_size}
+    top = str(cache.files)
+    sizes: dict[str, int] = {yaml_name: os.stat(f"{top}/{yaml_name}").st_size}
     prefix = f"{index.root}/" if index.root else ""
     rels = [prefix + i for s in index.splits.values() for i in s.images] + [
         prefix + lbl for lbl in index.labels
     ]
     for rel in rels:
-        sizes[rel] = os.stat(cache.files / rel).st_size
+        sizes[rel] = os.stat(f"{top}/{rel}").st_size
     return sizes

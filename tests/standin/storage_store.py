@@ -172,16 +172,7 @@ class ObjectStore:
 
     def _paths(self, bucket: str, name: str) -> tuple[Path, Path]:
         """The data file and the sidecar of an object; refuses names that could escape the bucket."""
-        parts = name.split("/")
-        if (
-            not name
-            or name.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)
-            or "\\" in name
-            or "\x00" in name
-            or len(name) > 1024
-        ):
-            raise invalid_key(name)
+        _check_name(name)
         self._bucket_file(bucket)
         base = (self.root / bucket).resolve()
         data = (base / name).resolve()
@@ -285,6 +276,60 @@ class ObjectStore:
             if p.is_file() and not p.name.startswith(".upload-")
         )
 
+    def _names_from(self, bucket: str, lowered: str) -> dict[str, str | None]:
+        """The names of `names()` that can start with `lowered`, found below its folder alone.
+
+        A listing walks only the folder it lists, not the bucket: a dataset's folder listings would
+        otherwise cost a walk of every object each. Each name maps to its data file when that is a
+        plain file reached through plain folders (inside the bucket by construction), else to None.
+        """
+        folder = lowered[: lowered.rfind("/") + 1]
+        base = self.root / bucket
+        if not folder.isascii():
+            # Lower-casing non-ASCII text can change its length: match on whole names as storage does.
+            return dict.fromkeys(self.names(bucket))
+        if not base.is_dir():
+            return {}
+        dirs: list[tuple[str, str]] = [(str(base), "")]
+        for part in folder.split("/")[:-1]:
+            dirs = [
+                (entry.path, f"{rel}{entry.name}/")
+                for path, rel in dirs
+                for entry in _scan(path)
+                if entry.name.lower() == part and entry.is_dir(follow_symlinks=False)
+            ]
+        found: dict[str, str | None] = {}
+
+        def walk(path: str, rel: str) -> None:
+            # As names(): rglob descends into folders, not into links to folders, and keeps links to files.
+            for entry in _scan(path):
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{rel}{entry.name}/")
+                elif entry.is_file() and not entry.name.startswith(".upload-"):
+                    plain = entry.is_file(follow_symlinks=False)
+                    found[rel + entry.name] = entry.path if plain else None
+
+        for path, rel in dirs:
+            walk(path, rel)
+        return found
+
+    def _listed(self, bucket: str, name: str, data: str | None, *, checked: bool) -> StoredObject | None:
+        """find() for a name a folder walk returned: a plain file needs no resolving of its path, and
+        plain strings keep a listing of thousands of objects quick. `checked`: the bucket name was."""
+        if data is None:
+            return self.find(bucket, name)
+        _check_name(name)
+        if not checked:
+            self._bucket_file(bucket)
+        try:
+            with open(f"{self._meta}/objects/{bucket}/{name}.json", "rb") as f:
+                row = json.loads(f.read())
+        except FileNotFoundError:
+            if not os.path.isfile(data):
+                return None
+            row = _row_for_unknown_file(bucket, name, Path(data))
+        return StoredObject(bucket, name, row, Path(data))
+
     def search(
         self,
         bucket: str,
@@ -301,14 +346,15 @@ class ObjectStore:
         full = (prefix + search).lower()
         folders: dict[str, str] = {}  # lowercased folder key -> display name
         files: list[StoredObject] = []
-        for name in self.names(bucket):
+        candidates = self._names_from(bucket, full)
+        for name in sorted(candidates):
             if not name.lower().startswith(full):
                 continue
             slash = name.find("/", len(full))
             if slash >= 0:
                 folders.setdefault(name[: slash + 1].lower(), name[len(prefix) : slash])
                 continue
-            found = self.find(bucket, name)
+            found = self._listed(bucket, name, candidates[name], checked=bool(files))
             if found is not None:
                 files.append(found)
         descending = sort_order.lower() == "desc"
@@ -326,6 +372,27 @@ class ObjectStore:
             files.sort(key=lambda f: str(f.row.get(column) or ""), reverse=descending)
             ordered = folder_entries + [f.listing(f.name[len(prefix) :]) for f in files]
         return ordered[offset : offset + limit]
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in name
+        or "\x00" in name
+        or len(name) > 1024
+    ):
+        raise invalid_key(name)
+
+
+def _scan(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
 
 
 def _folder(name: str) -> dict[str, Any]:
