@@ -209,3 +209,65 @@ async def test_the_cancel_button_stops_a_real_training_within_about_a_second(
     assert stopped < 1.5, f"trainer stopped {stopped:.3f}s after the cancel"
     assert row_done < 3.0, f"row canceled {row_done:.3f}s after the cancel"
     assert final["error_message"] == "Canceled by user." and final["canceled_at"] is not None
+
+
+async def test_claim_race_eight_agents_two_hundred_runs_on_supabase(
+    project: Project, database_url: str, tmp_path: Path, app: AsyncClient
+) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            """
+            create table claim_log (run_id uuid, worker_id text, attempt int);
+            create function log_claim() returns trigger language plpgsql as $$
+            begin
+              insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
+              return null;
+            end $$;
+            create trigger log_claim after update on training_runs for each row
+              when (old.worker_id is null and new.worker_id is not null) execute function log_claim();
+            """
+        )
+    procs = []
+    for i in range(8):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
+        env.update(
+            SUPABASE_URL=project.url,
+            SUPABASE_SERVICE_ROLE_KEY=project.service_role_key,
+            DATA_DIR=str(tmp_path / f"a{i}"),
+            WORKER_ID=f"a{i}",
+            OFFLINE="1",
+            LOG_JSON="1",
+            PYTHONPATH=str(REPO),
+        )
+        procs.append(AgentProc(env, tmp_path / f"a{i}.log").start())
+    try:
+        for p in procs:
+            await wait_agent_ready(p)
+        quick = {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.0, "fakeBatches": 1}
+        for _ in range(4):
+            await (
+                app.table("training_runs")
+                .insert([{"data_yaml": "fake.yaml", "configuration": quick} for _ in range(50)])
+                .execute()
+            )
+
+        async def all_completed() -> bool:
+            done = (
+                await app.table("training_runs")
+                .select("id", count="exact")
+                .eq("status", "completed")
+                .execute()
+            )
+            return done.count == 200
+
+        await wait_for(all_completed, timeout=300, interval=0.5, what="200 runs completed")
+        with psycopg.connect(database_url) as conn:
+            claims = conn.execute("select run_id, count(*) from claim_log group by run_id").fetchall()
+            winners = conn.execute("select count(distinct worker_id) from training_runs").fetchone()
+        assert len(claims) == 200 and all(n == 1 for _, n in claims), "a run was claimed twice"
+        assert winners is not None and winners[0] >= 2
+    finally:
+        for p in procs:
+            p.kill()
