@@ -223,11 +223,10 @@ class PostgresStore:
             return await cur.fetchall()
 
     async def poll(self, limit: int) -> PollResult:
-        claimable = await self._all("poll_claimable", {"limit": limit})
-        cancel = await self._all("poll_cancel_unclaimed", {"limit": limit})
+        rows = await self._all("poll", {"limit": limit})
         return PollResult(
-            claimable=tuple(str(r["id"]) for r in claimable),
-            cancel_unclaimed=tuple(str(r["id"]) for r in cancel),
+            claimable=tuple(str(r["id"]) for r in rows if r["kind"] == "claimable"),
+            cancel_unclaimed=tuple(str(r["id"]) for r in rows if r["kind"] == "cancel"),
         )
 
     async def claim(self, run_id: str, worker_id: str) -> Claimed | None:
