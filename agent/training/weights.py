@@ -36,7 +36,10 @@ def resolve_model(request: TrainingRequest, task: Task, weights_dir: Path | None
             return str(candidate.resolve())
     downloadable = not path.is_absolute() and len(path.parts) == 1
     if downloadable and not offline:
-        # Ultralytics knows where to download its own weights from.
+        # Ultralytics knows where to download its own weights from; given a path in WEIGHTS_DIR it
+        # saves them there, so the next run on this host finds them instead of downloading again.
+        if weights_dir is not None and weights_dir.expanduser().is_dir():
+            return str((weights_dir.expanduser() / path).resolve())
         return ref
     places = ", ".join(str(p.parent) for p in searched) or "nowhere"
     where = f"WEIGHTS_DIR ({weights_dir})" if weights_dir is not None else "WEIGHTS_DIR (not set)"

@@ -66,7 +66,9 @@ def test_missing_weights_offline_fail_clearly(tmp_path: Path) -> None:
 
 def test_missing_weights_online_are_left_to_download(tmp_path: Path) -> None:
     req = helpers.request(base_model="YOLOv8m", pretrained=True)
-    assert resolve_model(req, "detect", tmp_path, offline=False) == "yolov8m.pt"
+    assert resolve_model(req, "detect", None, offline=False) == "yolov8m.pt"
+    # With WEIGHTS_DIR, ultralytics is given a path there, so the download is kept for later runs.
+    assert resolve_model(req, "detect", tmp_path, offline=False) == str(tmp_path.resolve() / "yolov8m.pt")
 
 
 def test_a_missing_weights_path_fails_even_online(tmp_path: Path) -> None:
