@@ -76,8 +76,10 @@ class Agent:
         self._log.bind(slots=self.settings.max_concurrent_runs).info("agent started")
         await self._stop.wait()
 
+        # No more claims (free_slots is 0 from here), but the dispatcher keeps serving the events
+        # of runs still in flight, so a cancel during a wait-mode shutdown stops its run at once.
         self._stopping = True
-        await sup.stop("dispatcher", "poller", "rescuer")
+        await sup.stop("poller", "rescuer")
         mode = self.settings.shutdown_mode
         if self.runs:
             self._log.bind(mode=mode, runs=list(self.runs)).info("waiting for runs in flight")

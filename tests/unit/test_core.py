@@ -294,3 +294,18 @@ async def test_checkpoints_are_uploaded_during_training(tmp_path: Path) -> None:
         run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=3))
         await wait_for(lambda: _done(h, run_id), timeout=5)
     assert f"training_runs/{run_id}/checkpoints/last.pt" in h.blobs.objects
+
+
+async def test_a_cancel_during_a_wait_mode_shutdown_still_stops_the_run(tmp_path: Path) -> None:
+    h = harness(tmp_path, epoch_seconds=20.0, shutdown_mode="wait")
+    # Writes slower than the test (no batch or epoch end within it): only the cancel event can stop
+    # the run in time, through the dispatcher.
+    settings = dataclasses.replace(h.agent.deps.settings, heartbeat_interval=60.0, progress_interval=60.0)
+    h.agent.deps = dataclasses.replace(h.agent.deps, settings=settings)
+    async with h:
+        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=50))
+        await wait_for(lambda: h.trainer.started, what="trainer started")
+        h.agent.stop("test: shutting down")
+        h.store.set_fields(run_id, cancel_requested=True)
+        await wait_for(lambda: _done(h, run_id), timeout=5, what="canceled during shutdown")
+    assert h.store.runs[run_id].status == "canceled"
