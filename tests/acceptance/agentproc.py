@@ -136,3 +136,28 @@ def wait_status(database_url: str, run_id: str, *statuses: str, timeout: float =
 
 def now() -> float:
     return time.monotonic()
+
+
+CLAIM_LOG = """
+create table claim_log (run_id uuid, worker_id text, attempt int, at timestamptz default now());
+create function log_claim() returns trigger language plpgsql as $$
+begin
+  insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
+  return null;
+end $$;
+create trigger log_claim after update on training_runs for each row
+  when (old.worker_id is null and new.worker_id is not null) execute function log_claim();
+"""
+
+
+def install_claim_log(database_url: str) -> None:
+    """Record every claim (worker_id going from null to a value) in a test table."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(CLAIM_LOG)
+
+
+def claims_per_run(database_url: str) -> list[tuple[Any, int]]:
+    with psycopg.connect(database_url) as conn:
+        return [
+            (r[0], int(r[1])) for r in conn.execute("select run_id, count(*) from claim_log group by run_id")
+        ]

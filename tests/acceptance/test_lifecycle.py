@@ -14,7 +14,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.acceptance.agentproc import REPO, AgentProc, base_env, fetch_run, insert_run, wait_status
+from tests.acceptance.agentproc import (
+    REPO,
+    AgentProc,
+    base_env,
+    claims_per_run,
+    fetch_run,
+    insert_run,
+    install_claim_log,
+    wait_status,
+)
 from tests.util import wait_for_sync
 
 LONG = {"trainer": "fake", "epochs": 200, "fakeEpochSeconds": 0.2}
@@ -297,18 +306,7 @@ def test_a_run_of_a_dead_worker_is_rescued_and_finished(
 def test_claim_race_eight_agents_two_hundred_runs_each_run_once(
     database_url: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            """
-            create table claim_log (run_id uuid, worker_id text, attempt int, at timestamptz default now());
-            create function log_claim() returns trigger language plpgsql as $$
-            begin
-              insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
-            return null; end $$;
-            create trigger log_claim after update on training_runs for each row
-              when (old.worker_id is null and new.worker_id is not null) execute function log_claim();
-            """
-        )
+    install_claim_log(database_url)
     procs = [
         AgentProc(
             base_env(database_url, tmp_path / f"a{i}", WORKER_ID=f"a{i}", LOG_LEVEL="INFO"),
@@ -333,9 +331,9 @@ def test_claim_race_eight_agents_two_hundred_runs_each_run_once(
 
     wait_for_sync(finished, timeout=240, interval=0.5, what="200 runs completed")
     with psycopg.connect(database_url) as conn:
-        claims = conn.execute("select run_id, count(*) from claim_log group by run_id").fetchall()
         attempts = conn.execute("select max(attempt), min(attempt) from training_runs").fetchone()
         workers = conn.execute("select count(distinct worker_id) from training_runs").fetchone()
+    claims = claims_per_run(database_url)
     assert len(claims) == 200
     assert all(n == 1 for _, n in claims), "a run was claimed twice"
     assert attempts == (1, 1)

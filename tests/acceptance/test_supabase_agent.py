@@ -23,7 +23,7 @@ import pytest
 from supabase import AsyncClient, acreate_client
 
 from agent.datasets.synthetic import make_dataset
-from tests.acceptance.agentproc import REPO, AgentProc
+from tests.acceptance.agentproc import REPO, AgentProc, claims_per_run, install_claim_log
 from tests.acceptance.test_lifecycle import pid_alive
 from tests.util import wait_for
 
@@ -73,22 +73,33 @@ async def app(project: Project) -> AsyncIterator[AsyncClient]:
     yield client
 
 
-@pytest.fixture
-def agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
+def agent_env(project: Project, data_dir: Path, worker_id: str, **extra: str) -> dict[str, str]:
+    """The environment of `saturnos-agent run` on a GPU host that only knows the Supabase project."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
     env.update(
         SUPABASE_URL=project.url,
         SUPABASE_SERVICE_ROLE_KEY=project.service_role_key,
-        ARTIFACT_URL_MODE="signed",
-        DATA_DIR=str(tmp_path / "agent"),
-        WORKER_ID="gpu-7",
+        DATA_DIR=str(data_dir),
+        WORKER_ID=worker_id,
         OFFLINE="1",
         LOG_JSON="1",
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
+    env = agent_env(
+        project,
+        tmp_path / "agent",
+        "gpu-7",
+        ARTIFACT_URL_MODE="signed",
         # Slow poll and heartbeats: a pickup or a cancel within a second can only come from Realtime.
         POLL_INTERVAL="600",
         HEARTBEAT_INTERVAL="30",
         STALE_AFTER="300",
-        PYTHONPATH=str(REPO),
     )
     proc = AgentProc(env, tmp_path / "agent.log").start()
     try:
@@ -214,33 +225,10 @@ async def test_the_cancel_button_stops_a_real_training_within_about_a_second(
 async def test_claim_race_eight_agents_two_hundred_runs_on_supabase(
     project: Project, database_url: str, tmp_path: Path, app: AsyncClient
 ) -> None:
-    import psycopg
-
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            """
-            create table claim_log (run_id uuid, worker_id text, attempt int);
-            create function log_claim() returns trigger language plpgsql as $$
-            begin
-              insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
-              return null;
-            end $$;
-            create trigger log_claim after update on training_runs for each row
-              when (old.worker_id is null and new.worker_id is not null) execute function log_claim();
-            """
-        )
+    install_claim_log(database_url)
     procs = []
     for i in range(8):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
-        env.update(
-            SUPABASE_URL=project.url,
-            SUPABASE_SERVICE_ROLE_KEY=project.service_role_key,
-            DATA_DIR=str(tmp_path / f"a{i}"),
-            WORKER_ID=f"a{i}",
-            OFFLINE="1",
-            LOG_JSON="1",
-            PYTHONPATH=str(REPO),
-        )
+        env = agent_env(project, tmp_path / f"a{i}", f"a{i}")
         procs.append(AgentProc(env, tmp_path / f"a{i}.log").start())
     try:
         for p in procs:
@@ -263,8 +251,10 @@ async def test_claim_race_eight_agents_two_hundred_runs_on_supabase(
             return done.count == 200
 
         await wait_for(all_completed, timeout=300, interval=0.5, what="200 runs completed")
+        import psycopg
+
+        claims = claims_per_run(database_url)
         with psycopg.connect(database_url) as conn:
-            claims = conn.execute("select run_id, count(*) from claim_log group by run_id").fetchall()
             winners = conn.execute("select count(distinct worker_id) from training_runs").fetchone()
         assert len(claims) == 200 and all(n == 1 for _, n in claims), "a run was claimed twice"
         assert winners is not None and winners[0] >= 2
