@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from agent import __version__, logs
+from agent import __version__, doctor, logs
 from agent.config import ConfigError, Settings, legacy_settings_present
 from agent.domain.errors import AgentError
 from agent.domain.run import NewRun, RunRow
@@ -31,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
+        if args.func is cmd_doctor:
+            return _print_doctor(args, doctor.settings_error_report(exc))
         print(f"saturnos-agent: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_json)
@@ -90,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--print", action="store_true", help="print the SQL (for the Supabase SQL editor)")
     mig.set_defaults(func=cmd_migrate)
 
-    doctor = sub.add_parser("doctor", help="check settings, database, storage and GPUs")
-    doctor.set_defaults(func=cmd_doctor)
+    doc = sub.add_parser(
+        "doctor", help="check settings, database, grants, Realtime, storage, GPUs, weights and disk"
+    )
+    doc.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doc.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -241,28 +245,12 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.wiring import detect_gpus
+    return _print_doctor(args, await doctor.diagnose(settings))
 
-    ok = True
-    print(f"backend: {settings.backend}")
-    print(f"worker id: {settings.worker_id}")
-    print(f"data dir: {settings.data_dir}")
-    offline = await detect_offline(settings)
-    print(f"network: {'offline (ultralytics offline switches on)' if offline else 'online'}")
-    gpus = detect_gpus()
-    print(f"gpus: {', '.join(gpus) if gpus else 'none found (training runs on the CPU)'}")
-    if settings.weights_dir is not None and not settings.weights_dir.is_dir():
-        print(f"WEIGHTS_DIR {settings.weights_dir} does not exist")
-        ok = False
-    try:
-        async with open_backends(settings, migrate_schema=False) as backends:
-            started = time.monotonic()
-            await backends.admin.list_runs(1)
-            print(f"database: ok ({(time.monotonic() - started) * 1000:.0f} ms)")
-    except AgentError as exc:
-        print(f"database: FAILED: {exc}")
-        ok = False
-    return 0 if ok else 1
+
+def _print_doctor(args: argparse.Namespace, report: doctor.Report) -> int:
+    print(report.as_json() if args.json else report.render(), flush=True)
+    return 1 if report.failed else 0
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
