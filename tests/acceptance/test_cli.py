@@ -30,13 +30,6 @@ def test_migrate_print_is_the_schema_and_migrate_is_idempotent(database_url: str
         assert cli(database_url, tmp_path, "migrate").returncode == 0
 
 
-def test_doctor_checks_the_database(database_url: str, tmp_path: Path) -> None:
-    ok = cli(database_url, tmp_path, "doctor")
-    assert ok.returncode == 0 and "database: ok" in ok.stdout
-    down = cli(database_url, tmp_path, "doctor", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
-    assert down.returncode == 1 and "database: FAILED" in down.stdout
-
-
 def test_bad_input_gets_a_clear_error(database_url: str, tmp_path: Path) -> None:
     bad_setting = cli(database_url, tmp_path, "list", POLL_INTERVAL="soon")
     assert bad_setting.returncode == 2 and "POLL_INTERVAL" in bad_setting.stderr
