@@ -806,6 +806,19 @@ def _publication_from_join(table: str, joined: str | None, *, error_level: Level
     )
 
 
+def _server_message(error: Exception | None) -> str:
+    """The `message` of a Realtime error payload, which realtime-py wraps whole in the exception."""
+    if error is None:
+        return "no reason given"
+    payload: object = error.args[0] if error.args else None
+    if not isinstance(payload, dict):
+        with contextlib.suppress(ValueError):
+            payload = json.loads(str(error))
+    if isinstance(payload, dict) and payload.get("message"):
+        return str(payload["message"])
+    return str(error)
+
+
 class _Probe:
     """One Realtime channel of the doctor: joined, then waiting for one change or an error."""
 
@@ -838,7 +851,7 @@ class _Probe:
 
         if status != RealtimeSubscribeStates.SUBSCRIBED:
             state = getattr(status, "value", status)
-            self._settle(self._outcome, f"channel {state}: {error or 'no reason given'}")
+            self._settle(self._outcome, f"channel {state}: {_server_message(error)}")
 
     def _on_change(self, payload: Any) -> None:
         data = payload.get("data") if isinstance(payload, dict) else None
