@@ -33,6 +33,7 @@ from postgrest import APIError
 from psycopg import sql
 from storage3.exceptions import StorageApiError
 from storage3.utils import StorageException
+from supabase import AsyncClient
 
 from agent import __version__
 from agent.config import ConfigError, Settings
@@ -185,21 +186,15 @@ def redacted_url(url: str) -> str:
 # Entry points
 
 
-def settings_error_report(error: ConfigError, env: dict[str, str] | None = None) -> Report:
+def settings_error_report(error: ConfigError) -> Report:
     """The report when the settings do not even load: one error that names the setting."""
-    env = dict(os.environ) if env is None else env
-    redact = Redactor(
-        Settings(
-            database_url=env.get("DATABASE_URL") or None,
-            supabase_service_role_key=env.get("SUPABASE_SERVICE_ROLE_KEY") or None,
-        )
-    )
+    # ConfigError quotes the value, but no secret setting (URL, key) is one whose type is checked.
     return Report(
         (
             Check(
                 "settings",
                 "error",
-                redact(error),
+                str(error),
                 f"fix {error.key} in the environment or the EnvironmentFile (see .env.example)",
             ),
         )
@@ -613,9 +608,9 @@ async def supabase_checks(settings: Settings, limits: Limits, redact: Redactor) 
                 )
             ]
         checks.append(Check("database", "ok", f"REST API at {url} answered in {elapsed:.0f} ms"))
-        schema, lacking = await _supabase_tables(client, role, redact)
+        schema, lacking = await _supabase_tables(client, redact)
         checks.append(schema)
-        lacking += await _supabase_writes(client, settings, role, redact)
+        lacking += await _supabase_writes(client, settings, redact)
         if schema.level != "error" or lacking:
             checks.append(_rest_grants_check(role, lacking))
         checks += await _supabase_realtime(client, settings, limits, redact)
@@ -636,10 +631,11 @@ def _rest_grants_check(role: str, lacking: Sequence[_Denied]) -> Check:
     if not lacking:
         return Check("grants", "ok", f"role {role} may read and write what the agent reads and writes")
     detail = "; ".join(f"role {role} has no {d.privilege} on {d.table} ({d.message})" for d in lacking)
-    return Check("grants", "error", detail, MIGRATE_FIX)
+    grants = " ".join(f"GRANT {d.privilege} ON public.{d.table} TO {role};" for d in lacking)
+    return Check("grants", "error", detail, f"{MIGRATE_FIX}; or: {grants}")
 
 
-async def _supabase_tables(client: Any, role: str, redact: Redactor) -> tuple[Check, list[_Denied]]:
+async def _supabase_tables(client: AsyncClient, redact: Redactor) -> tuple[Check, list[_Denied]]:
     """The agent's SELECTs: both tables with every column it reads."""
     gaps: list[str] = []
     denied: list[_Denied] = []
@@ -670,7 +666,7 @@ def _worker_row(settings: Settings, status: str) -> dict[str, Any]:
     }
 
 
-async def _own_status(client: Any, settings: Settings, redact: Redactor) -> str:
+async def _own_status(client: AsyncClient, settings: Settings, redact: Redactor) -> str:
     """This worker's status in the registry, kept as it is; `offline` for a worker not there yet."""
     query = client.table("trainer_workers").select("status").eq("worker_id", settings.worker_id)
     result = await _rest(query.limit(1).execute(), redact)
@@ -679,14 +675,14 @@ async def _own_status(client: Any, settings: Settings, redact: Redactor) -> str:
     return "offline"
 
 
-async def _write_own_row(client: Any, settings: Settings, redact: Redactor) -> _Rest:
+async def _write_own_row(client: AsyncClient, settings: Settings, redact: Redactor) -> _Rest:
     """Upsert this worker's own registry row (INSERT … ON CONFLICT UPDATE: both privileges)."""
     status = await _own_status(client, settings, redact)
     upsert = client.table("trainer_workers").upsert(_worker_row(settings, status), on_conflict="worker_id")
     return await _rest(upsert.execute(), redact)
 
 
-async def _supabase_writes(client: Any, settings: Settings, role: str, redact: Redactor) -> list[_Denied]:
+async def _supabase_writes(client: AsyncClient, settings: Settings, redact: Redactor) -> list[_Denied]:
     """The agent's writes, with no effect: a PATCH of every column it writes that matches no run,
     and an upsert of this worker's own registry row."""
     denied: list[_Denied] = []
@@ -713,7 +709,7 @@ async def _supabase_writes(client: Any, settings: Settings, role: str, redact: R
 
 
 async def _supabase_realtime(
-    client: Any, settings: Settings, limits: Limits, redact: Redactor
+    client: AsyncClient, settings: Settings, limits: Limits, redact: Redactor
 ) -> list[Check]:
     """Join as the agent does (the publication), then prove a change arrives (own worker row)."""
     from realtime import AsyncRealtimeClient
@@ -879,7 +875,7 @@ class _Probe:
 
 
 async def _supabase_storage(
-    client: Any, http: httpx.AsyncClient, settings: Settings, redact: Redactor
+    client: AsyncClient, http: httpx.AsyncClient, settings: Settings, redact: Redactor
 ) -> list[Check]:
     bucket = settings.supabase_artifacts_bucket
     storage = client.storage
@@ -1036,9 +1032,7 @@ def check_gpus() -> Check:
             gpus.append(f"{index}: {name}, {used}/{total} MiB used (driver {driver})")
     if not gpus:
         return Check("gpus", "warning", "nvidia-smi lists no GPU: runs train on the CPU", "check the driver")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    suffix = f"; CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
-    return Check("gpus", "ok", "; ".join(gpus) + suffix)
+    return Check("gpus", "ok", "; ".join(gpus))
 
 
 def _version(name: str) -> str | None:
