@@ -315,3 +315,39 @@ def test_the_command_prints_checks_and_exits_1_on_an_error(database_url: str, tm
     assert bad.returncode == 1
     [setting] = json.loads(bad.stdout)["checks"]
     assert setting["name"] == "settings" and "POLL_INTERVAL" in setting["detail"]
+
+
+# GPUs: no GPU here, so an executable named nvidia-smi on PATH answers as the real one does ---------
+
+
+def fake_nvidia_smi(folder: Path, script: str) -> None:
+    exe = folder / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\n{script}\n")
+    exe.chmod(0o755)
+
+
+def test_gpus_are_listed_with_their_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.doctor import check_gpus
+
+    fake_nvidia_smi(
+        tmp_path,
+        'echo "0, NVIDIA H200, 143771, 1024, 570.86.15"; echo "1, NVIDIA H200, 143771, 0, 570.86.15"',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    check = check_gpus()
+    assert check.level == "ok"
+    assert "0: NVIDIA H200, 1024/143771 MiB used (driver 570.86.15)" in check.detail
+    assert "1: NVIDIA H200" in check.detail
+
+
+def test_a_broken_driver_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.doctor import check_gpus
+
+    fake_nvidia_smi(
+        tmp_path,
+        'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."; exit 9',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    check = check_gpus()
+    assert check.level == "error" and "couldn't communicate with the NVIDIA driver" in check.detail
+    assert "driver" in check.fix
