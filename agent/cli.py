@@ -10,17 +10,20 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from agent import __version__, doctor, logs
+from agent import __version__, logs
 from agent.config import ConfigError, Settings, legacy_settings_present
 from agent.domain.errors import AgentError
 from agent.domain.run import NewRun, RunRow
 from agent.domain.status import RunStatus
 from agent.ports import RunAdmin
 from agent.wiring import build_agent, detect_offline, ensure_dirs, open_backends
+
+if TYPE_CHECKING:
+    from agent.doctor import Report
 
 EXIT_BY_STATUS = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELED: 3}
 
@@ -31,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
     except ConfigError as exc:
         if args.func is cmd_doctor:
-            return _print_doctor(args, doctor.settings_error_report(exc))
+            from agent.doctor import settings_error_report
+
+            return _print_doctor(args, settings_error_report(exc))
         print(f"saturnos-agent: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_json)
@@ -245,10 +250,13 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    return _print_doctor(args, await doctor.diagnose(settings))
+    # Imported here: the doctor's clients (Supabase, Storage) would slow every other command's start.
+    from agent.doctor import diagnose
+
+    return _print_doctor(args, await diagnose(settings))
 
 
-def _print_doctor(args: argparse.Namespace, report: doctor.Report) -> int:
+def _print_doctor(args: argparse.Namespace, report: Report) -> int:
     print(report.as_json() if args.json else report.render(), flush=True)
     return 1 if report.failed else 0
 
