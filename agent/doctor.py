@@ -716,6 +716,7 @@ async def _supabase_realtime(
 
     from agent.backends.supabase import realtime_factory
 
+    role = jwt_role(settings.supabase_service_role_key or "") or "service_role"
     realtime: AsyncRealtimeClient = realtime_factory(client, timeout=int(limits.realtime_timeout))()
     try:
         async with asyncio.timeout(limits.realtime_timeout):
@@ -768,8 +769,7 @@ async def _supabase_realtime(
                     "events",
                     "error",
                     f"Realtime delivered an error instead of the change: {redact(arrived)}",
-                    f"grant SELECT on trainer_workers to {jwt_role(settings.supabase_service_role_key or '')}"
-                    f" and check its RLS policies; {MIGRATE_FIX}",
+                    f"grant SELECT on trainer_workers to {role} and check its RLS policies; {MIGRATE_FIX}",
                 )
             )
         else:
@@ -779,8 +779,9 @@ async def _supabase_realtime(
                     "error",
                     f"subscribed, but the write of this worker's row did not arrive within "
                     f"{limits.realtime_timeout:g}s",
-                    "check the project's Realtime quotas (events per second) and logs; "
-                    "agents fall back to the slow poll meanwhile",
+                    f"check that role {role} may SELECT trainer_workers (grants, RLS), and the"
+                    " project's Realtime quota (events per second) and logs; agents fall back to"
+                    " the slow poll meanwhile",
                 )
             )
         return checks
