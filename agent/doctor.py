@@ -44,7 +44,7 @@ Privilege = Literal["SELECT", "INSERT", "UPDATE"]
 Need = Literal["agent", "admin"]
 
 MIGRATE_FIX = (
-    "run the migration: `supabase db push` with deploy/supabase/migrations, or paste "
+    "run the migration: `supabase db push --workdir deploy` (deploy/supabase/migrations), or paste "
     "`saturnos-agent migrate --print` into the SQL editor, or `saturnos-agent migrate` with DATABASE_URL"
 )
 PUBLICATION = "supabase_realtime"
