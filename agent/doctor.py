@@ -368,6 +368,7 @@ async def postgres_checks(settings: Settings, limits: Limits, redact: Redactor) 
         columns = await _pg_columns(conn)
         checks.append(_schema_check(columns))
         checks.append(await _pg_grants(conn, role, columns))
+        checks.append(await _pg_row_security(conn, role))
         checks.append(await _pg_publication(conn))
         checks.append(await _pg_events(conn, url, limits))
     return checks
@@ -434,6 +435,37 @@ async def _pg_grants(conn: Conn, role: str, columns: dict[str, set[str]]) -> Che
         if denied:
             lacking.append((grant, denied))
     return _grants_check(role, lacking)
+
+
+async def _pg_row_security(conn: Conn, role: str) -> Check:
+    """Row-level security with no policy for this role hides every row: no error, and no runs."""
+    cur = await conn.execute(
+        """
+        select c.relname::text
+        from pg_class c
+        join pg_namespace n on n.oid = c.relnamespace
+        where n.nspname = 'public' and c.relname = any(%s) and c.relrowsecurity
+          and not (select r.rolsuper or r.rolbypassrls from pg_roles r where r.rolname = current_user)
+          and not (pg_has_role(current_user, c.relowner, 'USAGE') and not c.relforcerowsecurity)
+          and not exists (
+              select 1 from pg_policies p, unnest(p.roles) as pr(name)
+              where p.schemaname = 'public' and p.tablename = c.relname
+                and (pr.name = 'public' or pg_has_role(current_user, pr.name, 'MEMBER')))
+        order by 1
+        """,
+        [list(TABLES)],
+    )
+    hidden = [str(r[0]) for r in await cur.fetchall()]
+    if not hidden:
+        return Check("rls", "ok", f"row-level security shows role {role} every row the agent needs")
+    tables = ", ".join(hidden)
+    return Check(
+        "rls",
+        "error",
+        f"row-level security is on for {tables} and no policy applies to role {role}: "
+        "the agent would see no run and write none",
+        f"connect as a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS), or add policies for it on {tables}",
+    )
 
 
 def _grants_check(role: str, lacking: Sequence[tuple[Grant, Sequence[str]]]) -> Check:

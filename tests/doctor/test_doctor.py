@@ -50,7 +50,7 @@ def pg_settings(url: str, tmp_path: Path, **extra: object) -> Settings:
 async def test_postgres_is_ok_and_every_check_reports(database_url: str, tmp_path: Path) -> None:
     report = await diagnose(pg_settings(database_url, tmp_path), LIMITS)
     assert errors(report) == [], report.render()
-    for name in ("settings", "database", "schema", "grants", "publication", "events", "storage", "gpus",
+    for name in ("settings", "database", "schema", "grants", "rls", "publication", "events", "storage", "gpus",
                  "training", "network", "weights", "disk"):  # fmt: skip
         assert by_name(report, name), name
     assert "LISTEN/NOTIFY round trip" in by_name(report, "events")[0].detail
@@ -352,3 +352,25 @@ def test_a_broken_driver_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyP
     check = check_gpus()
     assert check.level == "error" and "couldn't communicate with the NVIDIA driver" in check.detail
     assert "driver" in check.fix
+
+
+async def test_row_level_security_without_a_policy_for_the_role(
+    limited_role: tuple[str, str], database_url: str, tmp_path: Path
+) -> None:
+    role, url = limited_role
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("alter table public.training_runs enable row level security")
+        conn.execute(
+            "do $$ begin create role anon nologin; exception when duplicate_object then null; end $$"
+        )
+        conn.execute("create policy app_all on public.training_runs to anon using (true)")  # not the agent's
+    report = await diagnose(pg_settings(url, tmp_path), LIMITS)
+    [rls] = by_name(report, "rls")
+    assert rls.level == "error" and "training_runs" in rls.detail and role in rls.detail
+    assert "trainer_workers" not in rls.detail and f"ALTER ROLE {role} BYPASSRLS" in rls.fix
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"create policy agent_all on public.training_runs to {role} using (true) with check (true)"
+        )
+    assert level(await diagnose(pg_settings(url, tmp_path), LIMITS), "rls") == "ok"
