@@ -563,7 +563,7 @@ async def _pg_events(conn: Conn, url: str, limits: Limits) -> Check:
 # Supabase (SUPABASE_URL): the REST calls, Realtime and Storage as the agent uses them
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Rest:
     """Result of one PostgREST call made by the doctor."""
 
