@@ -59,6 +59,13 @@ class Settings:
     offline: bool | None = None  # None: probe at start
     download_concurrency: int = 16
     dataset_relist_after: float = 0.0  # 0: list a remote dataset's folders at every run
+    allowed_dataset_roots: tuple[Path, ...] = ()  # besides DATASET_ROOT; `:`-separated
+    allowed_dataset_buckets: tuple[str, ...] = ()  # besides SUPABASE_DATASETS_BUCKET; comma-separated
+    allow_private_dataset_urls: bool = False
+    dataset_cache_max_gb: float = 50.0
+    min_free_disk_gb: float = 2.0
+    keep_failed_workspaces: bool = False
+    max_kept_workspaces: int = 5
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -77,6 +84,17 @@ class Settings:
     @property
     def cache_root(self) -> Path:
         return self.dataset_cache_dir or self.data_dir / "cache" / "datasets"
+
+    @property
+    def dataset_roots(self) -> tuple[Path, ...]:
+        """Folders local datasets may come from: DATASET_ROOT first, then ALLOWED_DATASET_ROOTS."""
+        first = (self.dataset_root,) if self.dataset_root is not None else ()
+        return tuple(dict.fromkeys((*first, *self.allowed_dataset_roots)))
+
+    @property
+    def dataset_buckets(self) -> tuple[str, ...]:
+        """Storage buckets datasets may come from."""
+        return tuple(dict.fromkeys((self.supabase_datasets_bucket, *self.allowed_dataset_buckets)))
 
     @property
     def artifacts_root(self) -> Path:
@@ -115,6 +133,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name.upper(), str(getattr(self, name)), "must be > 0")
+        for name in ("dataset_cache_max_gb", "min_free_disk_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name.upper(), str(getattr(self, name)), "must be >= 0")
+        if self.max_kept_workspaces < 0:
+            raise ConfigError("MAX_KEPT_WORKSPACES", str(self.max_kept_workspaces), "must be >= 0")
+        for root in self.allowed_dataset_roots:
+            if not root.is_absolute():
+                raise ConfigError("ALLOWED_DATASET_ROOTS", str(root), "every folder must be an absolute path")
         if self.dataset_relist_after < 0:
             raise ConfigError("DATASET_RELIST_AFTER", str(self.dataset_relist_after), "must be >= 0")
         for name in ("max_attempts", "max_concurrent_runs", "download_concurrency", "signed_url_ttl"):
@@ -133,6 +159,10 @@ _CHOICES = {
 
 
 def _convert(key: str, type_name: str, raw: str) -> object:
+    if type_name.startswith("tuple[Path"):
+        return tuple(Path(p.strip()).expanduser() for p in raw.split(os.pathsep) if p.strip())
+    if type_name.startswith("tuple[str"):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
     if key in _CHOICES:
         if raw.lower() not in _CHOICES[key]:
             raise ConfigError(key, raw, f"must be one of {', '.join(_CHOICES[key])}")
@@ -174,9 +204,21 @@ def legacy_settings_present(env: Mapping[str, str] | None = None) -> list[str]:
 _CHILD_WITHHELD = ("DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL", "TEST_DATABASE_URL")
 
 
+def tool_caches(settings: Settings) -> dict[str, Path]:
+    """Where matplotlib, Ultralytics and torch hub keep their caches and settings: under DATA_DIR."""
+    base = settings.data_dir / "cache"
+    return {
+        "MPLCONFIGDIR": base / "matplotlib",
+        "YOLO_CONFIG_DIR": base / "ultralytics",
+        "TORCH_HOME": base / "torch",
+    }
+
+
 def child_environment(settings: Settings, offline: bool) -> dict[str, str]:
     """The environment for a trainer child: the parent's without secrets, plus the offline switches."""
     env = {k: v for k, v in os.environ.items() if k not in _CHILD_WITHHELD}
+    # Left to themselves these write under the home folder, outside anything the operator sized.
+    env.update({name: str(path) for name, path in tool_caches(settings).items()})
     if offline:
         env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "HF_HUB_OFFLINE": "1"})
     env["SATURNOS_OFFLINE"] = "1" if offline else "0"

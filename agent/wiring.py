@@ -14,7 +14,7 @@ from loguru import logger
 
 from agent import __version__
 from agent.backends import Backends
-from agent.config import Settings, child_environment
+from agent.config import Settings, child_environment, tool_caches
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.domain.request import Task, TrainingRequest
@@ -102,7 +102,8 @@ def detect_gpus() -> tuple[str, ...]:
 
 
 def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Agent:
-    from agent.datasets import DatasetPreparer
+    from agent.datasets import DatasetPreparer, DiskSpace, SourcePolicy
+    from agent.datasets.disk import GB
     from agent.training.supervisor import ChildTrainer
     from agent.training.weights import resolve_model
 
@@ -114,6 +115,15 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         offline=offline,
         default_bucket=settings.supabase_datasets_bucket,
         relist_after=settings.dataset_relist_after,
+        policy=SourcePolicy.for_backend(
+            settings.backend,
+            settings.dataset_roots,
+            allow_private_urls=settings.allow_private_dataset_urls,
+            buckets=settings.dataset_buckets,
+            supabase_url=settings.supabase_url,
+        ),
+        cache_max_bytes=int(settings.dataset_cache_max_gb * GB),
+        disk=DiskSpace(int(settings.min_free_disk_gb * GB)),
     )
     trainer = ChildTrainer(
         stop_grace=settings.stop_grace,
@@ -159,5 +169,6 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
 
 
 def ensure_dirs(settings: Settings) -> None:
-    for path in (settings.data_dir, settings.runs_root, settings.cache_root, settings.artifacts_root):
+    folders = (settings.data_dir, settings.runs_root, settings.cache_root, settings.artifacts_root)
+    for path in (*folders, *tool_caches(settings).values()):
         Path(path).mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Datasets: resolve a run's `data_yaml` (local, HTTP(S), Supabase Storage) into a run workspace."""
 
 from agent.datasets.cache import DownloadFailed, RetryPolicy
+from agent.datasets.disk import DiskSpace
 from agent.datasets.http import HttpSource
 from agent.datasets.labels import LabelStats, infer_task, normalize_text
+from agent.datasets.policy import SourcePolicy
 from agent.datasets.preparer import DatasetPreparer, LocalDatasets
 from agent.datasets.refs import (
     DatasetRef,
@@ -26,6 +28,7 @@ from agent.datasets.remote import (
 __all__ = [
     "DatasetPreparer",
     "DatasetRef",
+    "DiskSpace",
     "DownloadFailed",
     "HttpRef",
     "HttpSource",
@@ -41,6 +44,7 @@ __all__ = [
     "RemoteTransient",
     "RetryPolicy",
     "SourceFactory",
+    "SourcePolicy",
     "StorageRef",
     "infer_task",
     "normalize_text",

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from agent.domain.errors import DatasetError
 T = TypeVar("T")
 MARKER_VERSION = 1
 _LOCK_POLL = 0.1
+LOCK_NAME = ".lock"
+USAGE_NAME = "usage.json"
 
 
 class DownloadFailed(DatasetError):
@@ -104,9 +108,8 @@ class DatasetCache:
     @contextlib.asynccontextmanager
     async def locked(self, log: Any) -> AsyncIterator[None]:
         """Exclusive use of this cache folder, across runs of this agent and other agents on the host."""
-        await asyncio.to_thread(self.files.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(self._write_source)
-        fd = await asyncio.to_thread(os.open, self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+        fd = await asyncio.to_thread(os.open, self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             waited = False
             while True:
@@ -121,6 +124,9 @@ class DatasetCache:
                         waited = True
                     # Probing without blocking keeps the wait cancellable; a lock taken in a thread is not.
                     await asyncio.sleep(_LOCK_POLL)
+            # Made under the lock: an eviction that held it before may have removed them.
+            await asyncio.to_thread(self.files.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(self._write_source)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
@@ -142,6 +148,19 @@ class DatasetCache:
         tmp = self.dir / f".complete.{uuid.uuid4().hex}.tmp"
         tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.marker)
+
+    def record_use(self) -> int:
+        """Stamp this entry as used now, with its size from the marker; returns the size."""
+        marker = self.read_marker()
+        files = marker.get("files") if marker else None
+        if isinstance(files, dict):
+            size = sum(v for v in files.values() if isinstance(v, int))
+        else:
+            size = _tree_size(self.files)
+        tmp = self.dir / f".usage.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps({"bytes": size, "used_at": time.time()}), encoding="utf-8")
+        os.replace(tmp, self.dir / USAGE_NAME)
+        return size
 
     def present(self, wanted: Iterable[tuple[str, int | None]]) -> set[str]:
         """Which of `wanted` (path, expected size) are complete files in the cache."""
@@ -266,3 +285,94 @@ class Fetcher:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    dir: Path
+    bytes: int
+    used_at: float
+
+
+def cache_entries(cache_root: Path) -> list[CacheEntry]:
+    """Every source folder of the cache with its size and last use, least recently used first."""
+    entries: list[CacheEntry] = []
+    try:
+        children = list(os.scandir(cache_root))
+    except FileNotFoundError:
+        return []
+    for child in children:
+        if not child.is_dir(follow_symlinks=False):
+            continue
+        folder = Path(child.path)
+        try:
+            usage = json.loads((folder / USAGE_NAME).read_text(encoding="utf-8"))
+            size, used_at = int(usage["bytes"]), float(usage["used_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # A download that never completed: its size is what is on disk, its age the folder's.
+            size, used_at = _tree_size(folder / "files"), child.stat(follow_symlinks=False).st_mtime
+        entries.append(CacheEntry(folder, size, used_at))
+    return sorted(entries, key=lambda e: e.used_at)
+
+
+def evict(cache_root: Path, enough: Callable[[int], bool], log: Any, keep: Path | None = None) -> int:
+    """Remove least recently used entries until `enough(total bytes left)`; returns bytes removed.
+
+    An entry is never removed while in use: its lock is held (a run is syncing it or building its
+    workspace from it), or a workspace still holds hard links to its files (a run trains on them).
+    """
+    entries = cache_entries(cache_root)
+    total = sum(e.bytes for e in entries)
+    removed = 0
+    for entry in entries:
+        if enough(total):
+            break
+        if entry.bytes == 0 or (keep is not None and entry.dir == keep):
+            continue
+        if _remove_unused(entry.dir):
+            total -= entry.bytes
+            removed += entry.bytes
+            log.bind(cache=str(entry.dir), bytes=entry.bytes).info("dataset cache entry evicted")
+    return removed
+
+
+def _remove_unused(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if _linked_elsewhere(folder / "files"):
+            return False
+        # The marker goes first: an eviction cut short leaves a partial cache, never a trusted one.
+        (folder / "complete.json").unlink(missing_ok=True)
+        (folder / USAGE_NAME).unlink(missing_ok=True)
+        shutil.rmtree(folder / "files", ignore_errors=True)
+        # The folder and its lock stay: a run waiting on this lock must find it where it opened it.
+        return True
+    finally:
+        os.close(fd)
+
+
+def _linked_elsewhere(top: Path) -> bool:
+    for folder, _dirs, files in os.walk(top):
+        for name in files:
+            try:
+                if os.lstat(os.path.join(folder, name)).st_nlink > 1:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def _tree_size(top: Path) -> int:
+    size = 0
+    for folder, _dirs, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(folder, name)).st_size
+    return size

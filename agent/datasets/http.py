@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from agent.datasets.aio import gather_all
+from agent.datasets.netguard import AddressGuard, GuardedTransport
 from agent.datasets.refs import HttpRef, StorageRef
 from agent.datasets.remote import ListingUnavailable, RemoteError, RemoteFile, RemoteNotFound, RemoteTransient
 
@@ -26,6 +27,9 @@ USER_AGENT = "saturnos-agent"
 _MAX_DEPTH = 32
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _BUFFER_LIMIT = 4 * 1024 * 1024
+MAX_REDIRECTS = 5
+# A directory index page larger than this is not a listing worth parsing.
+MAX_LISTING_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +48,24 @@ class HttpSource:
         self._client = client
 
     @classmethod
-    def create(cls, ref: HttpRef | StorageRef, *, concurrency: int = 16, timeout: float = 60.0) -> HttpSource:
-        """The default factory for `http` references."""
+    def create(
+        cls,
+        ref: HttpRef | StorageRef,
+        *,
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        allow_private: bool = False,
+    ) -> HttpSource:
+        """The default factory for `http` references: every connection vetted by an AddressGuard."""
         if not isinstance(ref, HttpRef):
             raise TypeError("HttpSource serves http(s) references only")
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        transport = GuardedTransport(httpx.AsyncHTTPTransport(limits=limits), AddressGuard(allow_private))
         client = httpx.AsyncClient(
-            follow_redirects=True,
+            transport=transport,
+            # Redirects are followed here, one hop at a time, each through the guarded transport.
+            follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             # Requests queue for a pooled connection, so only the network phases have deadlines.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0), pool=None),
         )
@@ -76,16 +90,33 @@ class HttpSource:
     async def fetch(self, path: str, dest: Path) -> int:
         url = self.url(path)
         try:
-            async with self._client.stream("GET", url) as response:
+            response = await self._open(url)
+            try:
                 _raise_for_status(response, self.describe(path))
                 expected = _content_length(response)
                 written = await _write_body(response, dest)
                 received = response.num_bytes_downloaded
+            finally:
+                await response.aclose()
         except httpx.RequestError as exc:
             raise _request_error(exc) from exc
         if expected is not None and received != expected:
             raise RemoteTransient(f"size mismatch: announced {expected} bytes, received {received}")
         return written
+
+    async def _open(self, url: str) -> httpx.Response:
+        """GET `url` as a stream, following redirects one hop at a time (each hop vetted)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self._client.send(self._client.build_request("GET", url), stream=True)
+            location = response.headers.get("location") if response.is_redirect else None
+            if location is None:
+                return response
+            await response.aclose()
+            target = response.url.join(location)
+            if target.scheme not in ("http", "https"):
+                raise RemoteError(f"redirect to an unsupported scheme {target.scheme[:20]!r}: {_plain(url)}")
+            url = str(target)
+        raise RemoteError(f"more than {MAX_REDIRECTS} redirects: {_plain(url)}")
 
     async def list_files(self, prefix: str) -> list[RemoteFile]:
         found: list[RemoteFile] = []
@@ -111,7 +142,11 @@ class HttpSource:
     async def _list_one(self, folder: str, *, top: bool) -> list[ListingEntry]:
         url = self._root + (quote(folder, safe="/") + "/" if folder else "")
         try:
-            response = await self._client.get(url)
+            response = await self._open(url)
+            try:
+                body = await _read_capped(response, MAX_LISTING_BYTES)
+            finally:
+                await response.aclose()
         except httpx.RequestError as exc:
             raise _request_error(exc) from exc
         if response.status_code in (404, 410):
@@ -119,14 +154,17 @@ class HttpSource:
         if response.status_code in (401, 403, 405):
             raise ListingUnavailable(f"HTTP {response.status_code}: the server does not list {url}")
         _raise_for_status(response, url)
+        if body is None:
+            raise RemoteError(f"directory listing larger than {MAX_LISTING_BYTES} bytes: {url}")
         content_type = response.headers.get("content-type", "text/html")
+        text = body.decode(response.encoding or "utf-8", errors="replace")
         if "json" in content_type:
-            return parse_json_listing(response.text)
+            return parse_json_listing(text)
         if "html" not in content_type:
             if top:
-                raise ListingUnavailable(f"{url} is not a directory listing ({content_type})")
+                raise ListingUnavailable(f"{url} is not a directory listing ({content_type[:100]})")
             return []
-        return parse_html_listing(response.text, str(response.url))
+        return parse_html_listing(text, str(response.url))
 
 
 def parse_html_listing(html: str, folder_url: str) -> list[ListingEntry]:
@@ -188,6 +226,25 @@ class _Links(HTMLParser):
             for key, value in attrs:
                 if key == "href" and value:
                     self.hrefs.append(value.strip())
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None once it grows past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _plain(url: str) -> str:
+    """A URL for a message: no query string (it may hold a token), at most 200 characters."""
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return shown if len(shown) <= 200 else shown[:199] + "…"
 
 
 def _request_error(exc: httpx.RequestError) -> RemoteError:

@@ -20,7 +20,8 @@ from typing import Any
 
 from loguru import logger
 
-from agent.datasets.paths import is_within, real_within
+from agent.datasets.paths import Confinement, is_within, real_within
+from agent.datasets.policy import ROOT_SETTINGS, SourcePolicy
 from agent.datasets.spec import (
     DatasetPlan,
     DatasetSpec,
@@ -37,9 +38,20 @@ _FOREIGN_ABSOLUTE = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
 
 
 def plan_local(
-    yaml_path: Path, dataset_root: Path | None, log: Any = logger, stop: threading.Event | None = None
+    yaml_path: Path,
+    dataset_root: Path | None,
+    log: Any = logger,
+    stop: threading.Event | None = None,
+    policy: SourcePolicy | None = None,
 ) -> DatasetPlan:
-    """Read the YAML and enumerate every split's images; DatasetError on anything unusable."""
+    """Read the YAML and enumerate every split's images; DatasetError on anything unusable.
+
+    With a confining `policy`, the YAML, the dataset root and every file read must resolve, symlinks
+    followed, inside the policy's folders.
+    """
+    confine = Confinement(policy.real_roots) if policy is not None and policy.confine_local else None
+    if policy is not None:
+        policy.check_local_yaml(yaml_path, str(yaml_path))
     if not yaml_path.is_file():
         if yaml_path.is_dir():
             raise DatasetError(f"dataset YAML is a folder, not a file: {yaml_path}")
@@ -49,14 +61,18 @@ def plan_local(
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"dataset YAML cannot be read ({exc}): {yaml_path}") from exc
     spec = load_spec(text, str(yaml_path))
-    root = _root(spec, yaml_path, dataset_root, log)
+    root = _root(spec, yaml_path, dataset_root, log, confine)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root} (from {yaml_path})")
-    splits = {name: _split(root, name, entries, stop) for name, entries in spec.splits.items()}
-    return DatasetPlan(root=root, spec=spec, splits=splits, labels=None, source=str(yaml_path))
+    splits = {name: _split(root, name, entries, stop, confine) for name, entries in spec.splits.items()}
+    return DatasetPlan(
+        root=root, spec=spec, splits=splits, labels=None, source=str(yaml_path), confine=confine
+    )
 
 
-def _root(spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: Any) -> Path:
+def _root(
+    spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: Any, confine: Confinement | None
+) -> Path:
     folder = Path(os.path.normpath(yaml_path.absolute().parent))
     if spec.path is None:
         return folder
@@ -65,15 +81,19 @@ def _root(spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: An
         _stale_path(spec.path, yaml_path, log)
         return folder
     candidate = Path(os.path.normpath(folder / spec.path))
+    if confine is not None:
+        # Confined: wherever it is written, the root must resolve inside an allowed folder.
+        if confine.folder_allows(candidate):
+            return candidate
     # Lexically inside (a symlinked folder of the user's) or inside once resolved (a symlinked root).
-    if any(is_within(candidate, a) or real_within(candidate, a) for a in allowed):
+    elif any(is_within(candidate, a) or real_within(candidate, a) for a in allowed):
         return candidate
     if Path(spec.path).is_absolute() and not candidate.exists():
         _stale_path(spec.path, yaml_path, log)
         return folder
-    where = " or ".join(str(a) for a in allowed)
+    where = ROOT_SETTINGS if confine is not None else " or ".join(str(a) for a in allowed)
     raise DatasetError(
-        f"dataset YAML 'path: {spec.path}' points outside the dataset folder ({where}); "
+        f"dataset YAML 'path: {spec.path[:200]}' points outside the dataset folder ({where}); "
         f"remove it or make it relative to the YAML: {yaml_path}"
     )
 
@@ -84,24 +104,31 @@ def _stale_path(path: str, yaml_path: Path, log: Any) -> None:
     )
 
 
-def _split(root: Path, name: str, entries: list[str], stop: threading.Event | None) -> SplitPlan:
+def _split(
+    root: Path, name: str, entries: list[str], stop: threading.Event | None, confine: Confinement | None
+) -> SplitPlan:
     images: list[str] = []
     folders: list[str] = []
     for entry in entries:
-        what = f"dataset YAML '{name}: {entry}'"
+        what = f"dataset YAML '{name}: {entry[:200]}'"
         rel = _entry_rel(root, entry, what)
         target = root / rel if rel else root
+        if confine is not None and target.exists() and not confine.allows(target):
+            raise DatasetError(
+                f"{what}: leads outside the dataset folders ({ROOT_SETTINGS}) through a symbolic link"
+            )
         if target.is_dir():
             folders.append(rel)
-            images.extend(_walk_images(root, rel, stop))
+            images.extend(_walk_images(root, rel, stop, confine, what))
         elif target.is_file() and rel.endswith(".txt"):
-            images.extend(_read_list(root, rel, what))
+            images.extend(_read_list(root, rel, what, confine))
         elif target.is_file() and is_image(rel):
             images.append(rel)
         else:
             raise DatasetError(f"{what}: not found under {root}")
     if not images:
-        raise DatasetError(f"dataset YAML '{name}' has no images: {', '.join(entries)} under {root}")
+        shown = ", ".join(e[:200] for e in entries[:5])
+        raise DatasetError(f"dataset YAML '{name}' has no images: {shown} under {root}")
     directory = folders[0] if len(entries) == 1 and folders else None
     return SplitPlan(images=tuple(dict.fromkeys(images)), directory=directory)
 
@@ -116,13 +143,20 @@ def _entry_rel(root: Path, entry: str, what: str) -> str:
     return split_entry("", entry, what, exists=lambda rel: (root / rel).exists())
 
 
-def _walk_images(root: Path, rel: str, stop: threading.Event | None) -> list[str]:
+def _walk_images(
+    root: Path, rel: str, stop: threading.Event | None, confine: Confinement | None, what: str
+) -> list[str]:
     found: list[str] = []
     top = root / rel if rel else root
     visited: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(top, followlinks=True):
         if stop is not None and stop.is_set():
             raise DatasetError("dataset preparation was interrupted")
+        if confine is not None and not confine.folder_allows(folder):
+            raise DatasetError(
+                f"{what}: {Path(folder).relative_to(root).as_posix()[:200]} leads outside the dataset "
+                f"folders ({ROOT_SETTINGS}) through a symbolic link"
+            )
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in visited:
             # A symlink loop: this folder was walked already.
@@ -137,18 +171,18 @@ def _walk_images(root: Path, rel: str, stop: threading.Event | None) -> list[str
     return found
 
 
-def _read_list(root: Path, rel: str, what: str) -> list[str]:
+def _read_list(root: Path, rel: str, what: str, confine: Confinement | None) -> list[str]:
     try:
         text = (root / rel).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{what}: cannot read list file ({exc})") from exc
     folder = posixpath.dirname(rel)
     images: list[str] = []
-    for line in list_lines(text):
+    for n, line in enumerate(list_lines(text), 1):
         if not is_image(line):
             continue
         if Path(line).is_absolute():
-            images.append(_entry_rel(root, line, f"{what} line {line!r}"))
+            images.append(_entry_rel(root, line, f"{what} line {n}"))
         else:
-            images.append(list_entry(folder, line, f"{what} line {line!r}"))
+            images.append(list_entry(folder, line, f"{what} line {n}"))
     return images

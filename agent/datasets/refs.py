@@ -58,6 +58,8 @@ _STORAGE_KINDS: dict[str, StorageUrlKind] = {
     "authenticated": "authenticated",
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# `data:`, `gopher:`, `mailto:`, …: a scheme with no slashes. A drive letter (`C:`) has one character.
+_SCHEME = re.compile(r"^(data|gopher|ftp|ftps|sftp|ssh|smb|nfs|dict|ldap|jar|tftp|javascript|mailto):", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,16 @@ def parse_dataset_ref(
     data_yaml: str, dataset_root: Path | None, default_bucket: str = "datasets"
 ) -> LocalRef | HttpRef | StorageRef:
     """Classify `data_yaml`; relative paths resolve under `dataset_root` and may not climb out of it."""
+    try:
+        ref = _parse(data_yaml, dataset_root, default_bucket)
+        if isinstance(ref, HttpRef):
+            ref.cache_key  # noqa: B018 - a malformed port or host fails here, not halfway through a sync
+        return ref
+    except ValueError as exc:
+        raise DatasetError(f"data_yaml is not a valid path or URL: {data_yaml.strip()[:200]!r}") from exc
+
+
+def _parse(data_yaml: str, dataset_root: Path | None, default_bucket: str) -> LocalRef | HttpRef | StorageRef:
     text = data_yaml.strip()
     if not text:
         raise DatasetError("data_yaml is empty")
@@ -152,18 +164,20 @@ def parse_dataset_ref(
     if scheme == "file":
         path = Path(unquote(urlsplit(text).path))
         if not path.is_absolute():
-            raise DatasetError(f"file URL must be absolute: {text}")
+            raise DatasetError(f"file URL must be absolute: {text[:200]}")
         return LocalRef(path)
-    if len(scheme) > 1 and "://" in text:
-        raise DatasetError(f"unsupported dataset URL scheme {scheme!r}: use a path, http(s):// or storage:")
+    if len(scheme) > 1 and (":/" in text or _SCHEME.match(text)):
+        raise DatasetError(
+            f"unsupported dataset URL scheme {scheme[:20]!r}: use a path, https:// or storage:bucket/path"
+        )
     path = Path(text)
     if path.is_absolute():
         return LocalRef(path)
     if dataset_root is None:
-        raise DatasetError(f"data_yaml {text!r} is a relative path but DATASET_ROOT is not set")
+        raise DatasetError(f"data_yaml {text[:200]!r} is a relative path but DATASET_ROOT is not set")
     resolved = Path(posixpath.normpath(str(dataset_root / path)))
     if not is_within(resolved, dataset_root):
-        raise DatasetError(f"data_yaml {text!r} points outside DATASET_ROOT ({dataset_root})")
+        raise DatasetError(f"data_yaml {text[:200]!r} points outside DATASET_ROOT ({dataset_root})")
     return LocalRef(resolved)
 
 
@@ -197,7 +211,7 @@ def _storage_uri(text: str, default_bucket: str) -> StorageRef:
 def _http(text: str) -> HttpRef | StorageRef:
     parts = urlsplit(text)
     if not parts.hostname:
-        raise DatasetError(f"dataset URL has no host: {text}")
+        raise DatasetError(f"dataset URL has no host: {text[:200]}")
     match = _STORAGE_PATH.match(parts.path)
     if match is None:
         ref = HttpRef(text)
@@ -217,6 +231,7 @@ def _http(text: str) -> HttpRef | StorageRef:
 def _storage(
     bucket: str, path: str, kind: StorageUrlKind, url: str | None, origin: str | None, shown: str
 ) -> StorageRef:
+    shown = shown[:200]
     if not bucket or "\\" in bucket or bucket in (".", ".."):
         raise DatasetError(f"storage dataset has no valid bucket: {shown}")
     clean = join_rel("", path, f"storage object {shown}")

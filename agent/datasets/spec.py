@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from agent.datasets.paths import escapes, join_rel
+from agent.datasets.paths import Confinement, escapes, join_rel
+from agent.datasets.policy import shorten
 from agent.domain.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -35,7 +36,11 @@ IMAGE_SUFFIXES = frozenset(
 )
 # Keys dropped from the workspace copy: `download` is code or a URL ultralytics runs when data is missing.
 DROPPED_KEYS = ("download", "minival")
-MAX_YAML_BYTES = 4 * 1024 * 1024
+# A dataset YAML names folders and classes: a few KB. These bound what an untrusted one may cost.
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+MAX_YAML_SCALAR = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +66,87 @@ class DatasetPlan:
     splits: dict[str, SplitPlan]
     labels: frozenset[str] | None  # label files known to exist, relative to root; None: look on disk
     source: str  # for messages
+    # Local datasets on a confined backend: every file read must resolve inside the allowed folders.
+    confine: Confinement | None = None
+    echo: bool = True  # quote file content (dropped label lines) in messages; off for downloads
 
 
-def load_spec(text: str, where: str) -> DatasetSpec:
-    """Parse and check a dataset YAML; every problem names the key."""
-    if len(text) > MAX_YAML_BYTES:
-        raise DatasetError(f"dataset YAML is too large ({len(text)} bytes): {where}")
+class _Refused(yaml.YAMLError):
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+class _DatasetYamlLoader(yaml.SafeLoader):
+    """The safe loader without aliases or explicit tags, and with bounded depth, nodes and scalars.
+
+    Aliases let a few hundred bytes expand into gigabytes (a "billion laughs"); tags ask for
+    constructors a dataset YAML never needs. Neither appears in the YAMLs datasets are shipped with.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused("aliases (*name) are not accepted")
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused("anchors (&name) are not accepted")
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):
+            raise _Refused(f"tags are not accepted ({str(tag)[:50]})")
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_YAML_SCALAR:
+            raise _Refused(f"a value longer than {MAX_YAML_SCALAR} characters")
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES} values")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str) -> object:
+    """A dataset YAML document through the guarded loader; yaml.YAMLError when refused or invalid."""
+    loader = _DatasetYamlLoader(text)
     try:
-        doc = yaml.safe_load(text)
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def load_spec(text: str, where: str, *, echo: bool = True) -> DatasetSpec:
+    """Parse and check a dataset YAML; every problem names the key.
+
+    `echo`: quote offending values in messages (at most 200 characters). Off for downloaded YAMLs:
+    whatever a server answered never reaches a message the web app shows.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise DatasetError(
+            f"dataset YAML is too large ({len(text)} characters, at most {MAX_YAML_BYTES}): {where}"
+        )
+    try:
+        doc = parse_yaml(text)
+    except RecursionError as exc:
+        raise DatasetError(f"dataset YAML is nested too deeply: {where}") from exc
     except yaml.YAMLError as exc:
         raise DatasetError(f"dataset YAML is not valid YAML ({_yaml_problem(exc)}): {where}") from exc
     if not isinstance(doc, dict):
         raise DatasetError(f"dataset YAML must be a mapping of keys (train, val, names, …): {where}")
     doc = {str(k): v for k, v in doc.items()}
+
+    def show(value: object) -> str:
+        return shorten(value) if echo else f"a {type(value).__name__}"
+
     path = doc.get("path")
     if path is not None and not isinstance(path, str):
-        raise DatasetError(f"dataset YAML key 'path' must be a string, not {path!r}: {where}")
+        raise DatasetError(f"dataset YAML key 'path' must be a string, not {show(path)}: {where}")
     splits: dict[str, list[str]] = {}
     for key in SPLITS:
         value = doc.get(key)
@@ -87,11 +157,11 @@ def load_spec(text: str, where: str) -> DatasetSpec:
         entries = value if isinstance(value, list) else [value]
         if not all(isinstance(e, str) and e.strip() for e in entries):
             raise DatasetError(
-                f"dataset YAML key '{key}' must be a path or a list of paths, not {value!r}: {where}"
+                f"dataset YAML key '{key}' must be a path or a list of paths, not {show(value)}: {where}"
             )
         splits[key] = [e.strip() for e in entries]
     return DatasetSpec(
-        doc=doc, path=path.strip() if path else None, splits=splits, nc=_class_count(doc, where)
+        doc=doc, path=path.strip() if path else None, splits=splits, nc=_class_count(doc, where, show)
     )
 
 
@@ -141,9 +211,9 @@ def list_lines(text: str) -> list[str]:
     return lines
 
 
-def list_entry(list_folder: str, line: str, what: str) -> str:
+def list_entry(list_folder: str, line: str, what: str, *, echo: bool = True) -> str:
     """A list file line relative to the source: `./x` and `x` are both relative to the list's folder."""
-    return join_rel(list_folder, line[2:] if line.startswith("./") else line, what)
+    return join_rel(list_folder, line[2:] if line.startswith("./") else line, what, echo=echo)
 
 
 def workspace_yaml(spec: DatasetSpec, dataset_dir: Path, splits: dict[str, str]) -> dict[str, Any]:
@@ -157,11 +227,11 @@ def workspace_yaml(spec: DatasetSpec, dataset_dir: Path, splits: dict[str, str])
     return doc
 
 
-def _class_count(doc: dict[str, Any], where: str) -> int:
+def _class_count(doc: dict[str, Any], where: str, show: Callable[[object], str]) -> int:
     names = doc.get("names")
     nc = doc.get("nc")
     if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
-        raise DatasetError(f"dataset YAML key 'nc' must be a positive integer, not {nc!r}: {where}")
+        raise DatasetError(f"dataset YAML key 'nc' must be a positive integer, not {show(nc)}: {where}")
     if names is None:
         if nc is None:
             raise DatasetError(f"dataset YAML has no 'names' key (nor 'nc'): {where}")
@@ -177,7 +247,9 @@ def _class_count(doc: dict[str, Any], where: str) -> int:
             raise DatasetError(f"dataset YAML key 'names' must number classes 0..{len(ids) - 1}: {where}")
         count = len(ids)
     else:
-        raise DatasetError(f"dataset YAML key 'names' must be a list or a mapping, not {names!r}: {where}")
+        raise DatasetError(
+            f"dataset YAML key 'names' must be a list or a mapping, not {show(names)}: {where}"
+        )
     if count == 0:
         raise DatasetError(f"dataset YAML key 'names' is empty: {where}")
     if nc is not None and nc != count:

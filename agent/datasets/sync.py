@@ -20,13 +20,14 @@ import hashlib
 import os
 import posixpath
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.datasets.aio import for_each
 from agent.datasets.cache import DatasetCache, DownloadFailed, Fetcher
 from agent.datasets.paths import join_rel
+from agent.datasets.policy import shorten
 from agent.datasets.remote import ListingUnavailable, RemoteFile, RemoteNotFound, RemoteSource
 from agent.datasets.spec import (
     DatasetPlan,
@@ -84,11 +85,13 @@ async def sync_remote(
     offline: bool,
     log: Any,
     relist_after: float = 0.0,
+    room: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[DatasetPlan, SyncStats]:
     """The dataset's plan, every file it names present in the cache; the caller holds the cache lock.
 
     `relist_after`: seconds for which a complete cache's listing is trusted while the YAML stays
-    byte-identical (0: list on every sync).
+    byte-identical (0: list on every sync). `room(bytes)` is awaited before the files are
+    downloaded, with the bytes their listings announce; it raises when the disk is too full.
     """
     stats = SyncStats()
     previous = await asyncio.to_thread(cache.read_marker)
@@ -119,14 +122,14 @@ async def sync_remote(
         if manifest is None:
             manifest = asyncio.ensure_future(_manifest(fetcher))
         await asyncio.to_thread(cache.clear_marker)
-        spec = load_spec(_decode(data, yaml_name), source.describe(yaml_name))
+        spec = load_spec(_decode(data, yaml_name), source.describe(yaml_name), echo=False)
         listed_at = time.time()
         index = await _index(source, spec, yaml_name, fetcher, previous, manifest)
     finally:
         if manifest is not None:
             manifest.cancel()
             await asyncio.gather(manifest, return_exceptions=True)
-    await _download(index, cache, fetcher, previous, stats)
+    await _download(index, cache, fetcher, previous, stats, room)
     files = await asyncio.to_thread(_sizes, cache, index, yaml_name)
     content = {
         "yaml": yaml_name,
@@ -147,6 +150,7 @@ async def sync_remote(
         splits=index.splits,
         labels=frozenset(index.labels),
         source=source.describe(yaml_name),
+        echo=False,
     )
     return plan, stats
 
@@ -217,7 +221,7 @@ async def _index(
     for name, entries in spec.splits.items():
         checked[name] = []
         for entry in entries:
-            what = f"dataset YAML '{name}: {entry}'"
+            what = f"dataset YAML '{name}: {entry[:200]}'"
             rel = split_entry(index.root, entry, what)
             _under(index.root, rel, what)
             checked[name].append((rel, what))
@@ -274,7 +278,8 @@ async def _manifest(fetcher: Fetcher) -> list[RemoteFile] | None:
     if await fetcher.fetch_optional(MANIFEST) is None:
         return None
     text = await asyncio.to_thread(_read_text, fetcher.cache, MANIFEST)
-    return [RemoteFile(join_rel("", line, f"{MANIFEST} line {line!r}")) for line in list_lines(text)]
+    lines = enumerate(list_lines(text), 1)
+    return [RemoteFile(join_rel("", line, f"{MANIFEST} line {n}", echo=False)) for n, line in lines]
 
 
 async def _in_order(tasks: list[asyncio.Task[Any]]) -> None:
@@ -313,11 +318,12 @@ async def _list_folder(fetcher: Fetcher, folder: str, what: str) -> list[RemoteF
 def _from_list(index: _Index, rel: str, text: str, what: str) -> list[str]:
     folder = posixpath.dirname(rel)
     images = []
-    for line in list_lines(text):
+    for n, line in enumerate(list_lines(text), 1):
         if not is_image(line):
             continue
-        source_rel = list_entry(folder, line, f"{what} line {line!r}")
-        images.append(_under(index.root, source_rel, f"{what} line {line!r}"))
+        # Line numbers, not the lines: a downloaded file's content never reaches a message.
+        source_rel = list_entry(folder, line, f"{what} line {n}", echo=False)
+        images.append(_under(index.root, source_rel, f"{what} line {n}"))
         index.sizes.setdefault(source_rel, None)
     return images
 
@@ -349,7 +355,12 @@ def _from_folder(
 
 
 async def _download(
-    index: _Index, cache: DatasetCache, fetcher: Fetcher, previous: dict[str, Any] | None, stats: SyncStats
+    index: _Index,
+    cache: DatasetCache,
+    fetcher: Fetcher,
+    previous: dict[str, Any] | None,
+    stats: SyncStats,
+    room: Callable[[int], Awaitable[None]] | None,
 ) -> None:
     old_sizes: dict[str, int] = previous.get("files", {}) if previous else {}
 
@@ -370,6 +381,8 @@ async def _download(
     # A size remembered from an earlier sync only vouches for the copy in the cache, not for the server.
     to_fetch = [(rel, index.sizes.get(rel)) for rel, _ in missing]
     stats.cached = len(present)
+    if room is not None:
+        await room(sum(size or 0 for _, size in to_fetch))
     await fetcher.fetch_all(sorted(to_fetch))
 
     probes = sorted(index.probe)
@@ -395,7 +408,7 @@ async def _from_marker(
 ) -> tuple[DatasetPlan, SyncStats]:
     yaml_name = str(marker["yaml"])
     text = await asyncio.to_thread(_read_text, cache, yaml_name)
-    spec = load_spec(text, source.describe(yaml_name))
+    spec = load_spec(text, source.describe(yaml_name), echo=False)
     files: dict[str, int] = marker["files"]
     present = await asyncio.to_thread(cache.present, files.items())
     if len(present) != len(files):
@@ -416,6 +429,7 @@ async def _from_marker(
         splits=splits,
         labels=frozenset(marker["labels"]),
         source=source.describe(yaml_name),
+        echo=False,
     )
     return plan, stats
 
@@ -423,7 +437,7 @@ async def _from_marker(
 def _under(root: str, rel: str, what: str) -> str:
     inside = _inside(root, rel)
     if inside is None:
-        raise DatasetError(f"{what}: {rel!r} is outside the dataset folder {root or '.'!r}")
+        raise DatasetError(f"{what}: the path is outside the dataset folder {shorten(root or '.')}")
     return inside
 
 

@@ -53,7 +53,10 @@ def build_workspace(
     missing: set[str] = set()
     for image in images:
         _check(stop)
-        result = _place(plan.root / image, folders.ready(dataset_dir / image, "image"))
+        src = plan.root / image
+        if plan.confine is not None and not plan.confine.allows(src):
+            raise DatasetError(f"image {image[:200]} leads outside the dataset folders through a symlink")
+        result = _place(src, folders.ready(dataset_dir / image, "image"))
         if result is None:
             missing.add(image)
         elif result:
@@ -109,7 +112,14 @@ def build_workspace(
 def _present_labels(plan: DatasetPlan, wanted: set[str]) -> set[str]:
     if plan.labels is not None:
         return wanted & plan.labels
-    return {label for label in wanted if (plan.root / label).is_file()}
+    present = {label for label in wanted if (plan.root / label).is_file()}
+    if plan.confine is not None:
+        for label in sorted(present):
+            if not plan.confine.allows(plan.root / label):
+                raise DatasetError(
+                    f"label {label[:200]} leads outside the dataset folders through a symbolic link"
+                )
+    return present
 
 
 def _infer(plan: DatasetPlan, labels: set[str], stop: threading.Event | None) -> Task:
@@ -145,7 +155,9 @@ def _write_label(
 ) -> LabelStats:
     result = normalize_text(_read(plan.root / label), task, plan.spec.nc)
     for drop in result.dropped[: _MAX_EXAMPLES - len(examples)]:
-        examples.append(f"{label}:{drop.line_no} {drop.reason}: {drop.text}")
+        # A downloaded file's content is never quoted: only where the line is and what is wrong.
+        text = f": {drop.text[:100]}" if plan.echo else ""
+        examples.append(f"{label[:200]}:{drop.line_no} {drop.reason}{text}")
     dest = folders.ready(folders.top / label, "label")
     if dest.is_symlink():
         raise DatasetError(f"label: {dest} is a symbolic link")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from agent.datasets import DatasetPreparer, RetryPolicy
+from agent.datasets import DatasetPreparer, RetryPolicy, SourcePolicy
 from agent.domain.request import TrainingRequest, parse_request
 from agent.domain.run import RunRow
 from agent.domain.status import RunStatus
@@ -30,6 +30,13 @@ def jpeg(tag: str) -> bytes:
 
 
 FAST_RETRY = RetryPolicy(attempts=4, initial=0.005, maximum=0.02)
+# Local paths anywhere and dataset servers on this host's loopback (the tests' own HTTP servers).
+LOOSE = SourcePolicy(confine_local=False, allow_private_urls=True)
+
+
+def loose(dataset_root: Path) -> SourcePolicy:
+    """As the embedded backend with DATASET_ROOT set, test servers on 127.0.0.1 allowed."""
+    return SourcePolicy(roots=(dataset_root,), confine_local=False, allow_private_urls=True)
 
 Listing = Literal["nginx", "json", "none"]
 
@@ -90,6 +97,8 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
 def preparer_for(tmp_path: Path) -> Callable[..., DatasetPreparer]:
     def make(dataset_root: Path | None = None, concurrency: int = 4, **kwargs: Any) -> DatasetPreparer:
         kwargs.setdefault("retry", FAST_RETRY)
+        # As on the embedded backend, and with the test servers on 127.0.0.1 allowed explicitly.
+        kwargs.setdefault("policy", LOOSE if dataset_root is None else loose(dataset_root))
         return DatasetPreparer(dataset_root, tmp_path / "cache", concurrency, **kwargs)
 
     return make
