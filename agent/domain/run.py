@@ -95,6 +95,7 @@ class Pulse:
 class RescueReport:
     requeued: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    offline_workers: tuple[str, ...] = ()  # registry rows of dead workers set offline
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,10 @@ class Harness(Protocol):
 
     async def worker_row(self, worker_id: str) -> dict[str, Any] | None: ...
 
+    async def age_worker(self, worker_id: str, seconds: float) -> None:
+        """Move the worker's last_seen `seconds` into the past."""
+        ...
+
 
 @dataclass
 class MemoryHarness:
@@ -84,6 +88,9 @@ class MemoryHarness:
     async def worker_row(self, worker_id: str) -> dict[str, Any] | None:
         rec = self.store.workers.get(worker_id)
         return None if rec is None else dict(vars(rec))
+
+    async def age_worker(self, worker_id: str, seconds: float) -> None:
+        self.store.workers[worker_id].last_seen -= timedelta(seconds=seconds)
 
 
 def _sql_value(name: str, value: Any) -> Any:
@@ -137,6 +144,13 @@ class PostgresHarness:
     async def worker_row(self, worker_id: str) -> dict[str, Any] | None:
         rows = await self._execute("select * from trainer_workers where worker_id = %s", [worker_id])
         return rows[0] if rows else None
+
+    async def age_worker(self, worker_id: str, seconds: float) -> None:
+        await self._execute(
+            "update trainer_workers set last_seen = last_seen - make_interval(secs => %s)"
+            " where worker_id = %s",
+            [float(seconds), worker_id],
+        )
 
     async def close(self) -> None:
         for store in (*self._extra, self.store):

@@ -352,3 +352,22 @@ async def test_register_worker_upserts_the_registry_row(backend: Harness) -> Non
     await backend.store.register_worker(info, WorkerState(WorkerStatus.OFFLINE))
     row = await backend.worker_row("gpu-1")
     assert row is not None and row["status"] == "offline" and row["current_run"] is None
+
+
+async def test_rescue_marks_workers_that_stopped_heartbeating_offline(backend: Harness) -> None:
+    dead = WorkerInfo("dead-host", host="a", version="0.1.0")
+    alive = WorkerInfo("live-host", host="b", version="0.1.0")
+    claim = await claimed(backend, "dead-host")
+    await backend.store.register_worker(dead, WorkerState(WorkerStatus.BUSY, (claim.lease.run_id,)))
+    await backend.store.register_worker(alive, WorkerState(WorkerStatus.BUSY, ("r-live",)))
+    await backend.age_worker("dead-host", 300)
+
+    report = await backend.store.rescue_stale(stale_after_s=120, max_attempts=3)
+    assert report.offline_workers == ("dead-host",)
+    row = await backend.worker_row("dead-host")
+    assert row is not None
+    assert (row["status"], row["current_run"], row["current_runs"]) == ("offline", None, [])
+    live = await backend.worker_row("live-host")
+    assert live is not None and live["status"] == "busy" and live["current_run"] == "r-live"
+    # Already offline with no run: left alone, not reported again.
+    assert (await backend.store.rescue_stale(stale_after_s=120, max_attempts=3)).offline_workers == ()

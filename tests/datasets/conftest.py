@@ -38,6 +38,7 @@ def loose(dataset_root: Path) -> SourcePolicy:
     """As the embedded backend with DATASET_ROOT set, test servers on 127.0.0.1 allowed."""
     return SourcePolicy(roots=(dataset_root,), confine_local=False, allow_private_urls=True)
 
+
 Listing = Literal["nginx", "json", "none"]
 
 

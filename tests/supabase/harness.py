@@ -112,6 +112,9 @@ class SupabaseHarness:
         row: dict[str, Any] | None = await self._sql().worker_row(worker_id)
         return row
 
+    async def age_worker(self, worker_id: str, seconds: float) -> None:
+        await self._sql().age_worker(worker_id, seconds)
+
     async def close(self) -> None:
         for close in reversed(self._closers):
             await close()

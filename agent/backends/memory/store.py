@@ -374,7 +374,15 @@ class MemoryStore:
             else:
                 self._update(rec, status="queued", worker_id=None, started_at=None, heartbeat_at=None)
                 requeued.append(rec.id)
-        return RescueReport(requeued=tuple(requeued), failed=(*failed, *canceled))
+        offline: list[str] = []
+        for worker in self.workers.values():
+            busy = worker.status != "offline" or worker.current_run is not None or worker.current_runs
+            if worker.last_seen < cutoff and busy:
+                worker.status, worker.current_run, worker.current_runs = "offline", None, []
+                offline.append(worker.worker_id)
+        return RescueReport(
+            requeued=tuple(requeued), failed=(*failed, *canceled), offline_workers=tuple(offline)
+        )
 
     async def register_worker(self, worker: WorkerInfo, state: WorkerState) -> None:
         await self._io("register_worker")

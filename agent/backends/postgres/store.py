@@ -297,10 +297,14 @@ class PostgresStore:
         canceled = await self._all("rescue_cancel", {**params, "error_message": CANCELED_MESSAGE})
         failed = await self._all("rescue_fail", params)
         requeued = await self._all("rescue_requeue", params)
+        offline = await self._all("rescue_workers", {"stale_after": float(stale_after_s)})
         report = RescueReport(
             requeued=tuple(str(r["id"]) for r in requeued),
             failed=tuple(str(r["id"]) for r in (*failed, *canceled)),
+            offline_workers=tuple(str(r["worker_id"]) for r in offline),
         )
+        for worker_id in report.offline_workers:
+            logger.bind(worker=worker_id).warning("stale worker marked offline")
         for run_id in report.requeued:
             logger.bind(run_id=run_id).warning("stale run put back to claimable")
         for run_id in report.failed:

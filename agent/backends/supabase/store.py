@@ -48,7 +48,7 @@ from agent.domain.run import (
     WorkerState,
     json_safe,
 )
-from agent.domain.status import CLAIMABLE_STATUSES, RunStatus
+from agent.domain.status import CLAIMABLE_STATUSES, RunStatus, WorkerStatus
 
 RUNS = "training_runs"
 WORKERS = "trainer_workers"
@@ -396,10 +396,21 @@ class SupabaseStore:
             .select("id"),
             "rescue requeue",
         )
+        offline = await self._rows(
+            self._client.table(WORKERS)
+            .update({"status": WorkerStatus.OFFLINE.value, "current_run": None, "current_runs": []})
+            .lt("last_seen", cutoff)
+            .or_("status.is.null,status.neq.offline,current_run.not.is.null")
+            .select("worker_id"),
+            "rescue workers",
+        )
         report = RescueReport(
             requeued=tuple(str(r["id"]) for r in requeued),
             failed=(*failed, *(str(r["id"]) for r in canceled)),
+            offline_workers=tuple(str(r["worker_id"]) for r in offline),
         )
+        for worker_id in report.offline_workers:
+            logger.bind(worker=worker_id).warning("stale worker marked offline")
         for run_id in report.requeued:
             logger.bind(run_id=run_id).warning("stale run put back to claimable")
         for run_id in report.failed:
