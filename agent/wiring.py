@@ -17,6 +17,7 @@ from agent.backends import Backends
 from agent.config import Settings, child_environment, tool_caches
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
+from agent.core.workspaces import WorkspacePolicy
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
 
@@ -146,6 +147,7 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
             progress_interval=settings.progress_interval,
             heartbeat_interval=settings.heartbeat_interval,
             checkpoint_interval=settings.checkpoint_interval,
+            workspaces=WorkspacePolicy(settings.keep_failed_workspaces, settings.max_kept_workspaces),
         ),
     )
     worker = WorkerInfo(

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, assert_never
 from loguru import logger
 
 from agent.core.progress import ProgressTracker
+from agent.core.workspaces import WorkspacePolicy, clean_workspaces
 from agent.domain.errors import (
     AgentError,
     BackendError,
@@ -52,6 +53,7 @@ class PipelineSettings:
     progress_interval: float = 2.0
     heartbeat_interval: float = 10.0
     checkpoint_interval: float = 300.0
+    workspaces: WorkspacePolicy = field(default_factory=WorkspacePolicy)
 
 
 @dataclass(frozen=True)
@@ -109,16 +111,30 @@ class _Interrupted(Exception):
 
 
 async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
-    """Run one claimed run to its final row. Never raises for a problem of the run itself."""
+    """Run one claimed run to its final row, then remove its workspace.
+
+    Never raises for a problem of the run itself.
+    """
     lease = claimed.lease
     log = logger.bind(run_id=lease.run_id, worker=lease.worker_id, attempt=lease.attempt)
+    outcome: Outcome | None = None
+    try:
+        outcome = await _execute(deps, claimed, control, log)
+        if outcome is not None:
+            await finalize(deps, lease, outcome, log)
+    finally:
+        await _clear_workspace(deps, lease, isinstance(outcome, Failed), log)
+
+
+async def _execute(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> Outcome | None:
+    """The run's outcome for the final write; None when the run was released or taken away."""
+    lease = claimed.lease
     log.info("run claimed")
 
     try:
         request = parse_request(claimed.row)
     except InvalidRequest as exc:
-        await finalize(deps, lease, Failed(str(exc)), log)
-        return
+        return Failed(str(exc))
     for note in request.notes:
         log.info("request note: {}", note)
 
@@ -128,14 +144,12 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
         try:
             job = await _until_interrupted(control, _prepare(deps, lease, request, workspace, log))
         except (DatasetError, WeightsError) as exc:
-            await finalize(deps, lease, Failed(str(exc)), log)
-            return
+            return Failed(str(exc))
 
         try:
             proc = await deps.trainer.start(job)
         except OSError as exc:
-            await finalize(deps, lease, Failed(f"Could not start the trainer process: {exc}"), log)
-            return
+            return Failed(f"Could not start the trainer process: {exc}")
         control.pid = proc.pid
         log.bind(pid=proc.pid, trainer=request.trainer).info("trainer started")
         heartbeat.cancel()
@@ -144,9 +158,23 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
         outcome = await _interrupted_before_training(deps, lease, stop.why, log)
     finally:
         heartbeat.cancel()
+    return outcome
 
-    if outcome is not None:
-        await finalize(deps, lease, outcome, log)
+
+async def _clear_workspace(deps: Deps, lease: Lease, failed: bool, log: Any) -> None:
+    settings = deps.settings
+    try:
+        await asyncio.to_thread(
+            clean_workspaces,
+            settings.runs_root,
+            lease.run_id,
+            lease.attempt,
+            failed,
+            settings.workspaces,
+            log,
+        )
+    except OSError as exc:
+        log.warning("run workspace not removed: {}", exc)
 
 
 async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Any) -> TrainJob:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.core.progress import ProgressTracker, hhmmss
 from agent.core.supervisor import Supervisor
-from agent.domain.errors import BackendUnavailable
+from agent.core.workspaces import KEPT_MARKER, WorkspacePolicy, clean_workspaces
+from agent.domain.errors import BackendUnavailable, DatasetError
 from agent.domain.messages import BatchProgress, Done, EpochEnd, Started, TrainerMessage
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
@@ -69,15 +72,21 @@ class ScriptedProcess:
 class ScriptedTrainer:
     epoch_seconds: float = 0.02
     started: list[ScriptedProcess] = field(default_factory=list)
+    resumed_from: list[bytes] = field(default_factory=list)  # the checkpoints handed over at start
 
     async def start(self, job: TrainJob) -> ScriptedProcess:
         proc = ScriptedProcess(job, self.epoch_seconds, pid=1000 + len(self.started))
         self.started.append(proc)
+        if job.resume_from is not None:
+            self.resumed_from.append(job.resume_from.read_bytes())
         return proc
 
 
 class NoDatasets:
     async def prepare(self, request: TrainingRequest, run_id: str, workspace: Path) -> PreparedDataset:
+        (workspace / "dataset").mkdir()
+        if request.data_yaml == "bad.yaml":
+            raise DatasetError("dataset YAML not found: bad.yaml")
         return PreparedDataset(workspace / "data.yaml", request.task or "detect", {})
 
 
@@ -282,7 +291,7 @@ async def test_a_rescued_run_resumes_from_the_uploaded_checkpoint(tmp_path: Path
         await wait_for(lambda: _done(h, run_id), timeout=5)
     job = h.trainer.started[0].job
     assert h.store.runs[run_id].attempt == 2
-    assert job.resume_from is not None and job.resume_from.read_bytes() == b"checkpoint of attempt 1"
+    assert job.resume_from is not None and h.trainer.resumed_from == [b"checkpoint of attempt 1"]
 
 
 async def test_checkpoints_are_uploaded_during_training(tmp_path: Path) -> None:
@@ -309,3 +318,41 @@ async def test_a_cancel_during_a_wait_mode_shutdown_still_stops_the_run(tmp_path
         h.store.set_fields(run_id, cancel_requested=True)
         await wait_for(lambda: _done(h, run_id), timeout=5, what="canceled during shutdown")
     assert h.store.runs[run_id].status == "canceled"
+
+
+async def test_workspaces_are_removed_after_runs_and_failed_ones_kept_when_asked(tmp_path: Path) -> None:
+    keep = WorkspacePolicy(keep_failed=True, max_kept=2)
+    h = harness(tmp_path / "runs")
+    h.agent.deps = dataclasses.replace(
+        h.agent.deps, settings=dataclasses.replace(h.agent.deps.settings, workspaces=keep)
+    )
+    async with h:
+        done = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1))
+        await wait_for(lambda: _done(h, done), timeout=5)
+        failed = []
+        for _ in range(3):
+            failed.append(h.store.insert_row(data_yaml="bad.yaml", configuration=run_config(epochs=1)))
+            await wait_for(lambda: _done(h, failed[-1]), timeout=5)
+    assert h.store.runs[done].status == "completed" and not (tmp_path / "runs" / done).exists()
+    assert [h.store.runs[r].status for r in failed] == ["failed"] * 3
+    # The newest two failures are kept, whole; the oldest went when the third was kept.
+    kept = sorted(p.parent.parent.name for p in (tmp_path / "runs").glob("*/attempt-*/.kept"))
+    assert kept == sorted(failed[1:])
+    assert all((tmp_path / "runs" / r / "attempt-1" / "dataset").is_dir() for r in failed[1:])
+
+
+def test_kept_workspaces_are_capped_oldest_removed_first(tmp_path: Path) -> None:
+    policy = WorkspacePolicy(keep_failed=True, max_kept=2)
+    for i, run in enumerate(("r1", "r2", "r3")):
+        ws = tmp_path / run / "attempt-1"
+        (ws / "train").mkdir(parents=True)
+        (ws / "train" / "file").write_text("x")
+        clean_workspaces(tmp_path, run, 1, True, policy, logger)
+        os.utime(ws / KEPT_MARKER, (1000 + i, 1000 + i))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r2", "r3"]
+    # A completed run, and a failed one with keeping off, leave nothing behind.
+    for run, failed, policy_ in (("ok", False, policy), ("f", True, WorkspacePolicy())):
+        (tmp_path / run / "attempt-2" / "dataset").mkdir(parents=True)
+        (tmp_path / run / "attempt-1").mkdir()  # an earlier attempt on this host
+        clean_workspaces(tmp_path, run, 2, failed, policy_, logger)
+        assert not (tmp_path / run).exists()
