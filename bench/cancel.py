@@ -170,7 +170,8 @@ def run_agent(
         env = agent_env(bench.tmp / "agent", WORKER, supabase=supabase_env(bench, db))
     else:
         env = agent_env(bench.tmp / "agent", WORKER, database_url=db.url)
-    env.update(PROGRESS_INTERVAL="0.5")
+    # The generated dataset's folder: on these backends local datasets must lie under a root.
+    env.update(PROGRESS_INTERVAL="0.5", DATASET_ROOT=str(data.parent))
     agent = AgentProcess(env, bench.tmp / "agent.log").start(bench)
     agent.wait_ready()
     stops: list[float] = []

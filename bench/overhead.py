@@ -110,7 +110,8 @@ def main() -> None:
         db = pg.database()
         watch = StatusWatch(bench, db)
         agent = AgentProcess(
-            agent_env(bench.tmp / "agent", WORKER, database_url=db.url), bench.tmp / "agent.log"
+            agent_env(bench.tmp / "agent", WORKER, database_url=db.url, DATASET_ROOT=str(data.parent)),
+            bench.tmp / "agent.log",
         ).start(bench)
         agent.wait_ready()
         with db.connect() as conn:

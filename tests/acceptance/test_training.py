@@ -40,6 +40,8 @@ def agent(database_url: str, tmp_path: Path) -> Iterator[AgentProc]:
             WORKER_ID="gpu-1",
             SATURNOS_AUDIT_SOCKETS=str(audit),
             WEIGHTS_DIR=str(tmp_path / "weights"),
+            # Local datasets on the postgres backend must lie under a dataset root.
+            DATASET_ROOT=str(tmp_path),
         ),
         tmp_path / "agent.log",
     ).start()
