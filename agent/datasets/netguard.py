@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -94,12 +95,18 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
 class GuardedTransport(httpx.AsyncBaseTransport):
     """Connects only to vetted addresses, each host pinned to the address it was vetted with."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, guard: AddressGuard) -> None:
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, guard: AddressGuard, resolver: Resolver = resolve
+    ) -> None:
         self._inner = inner
         self._guard = guard
+        self._resolve = resolver
         self._pinned: dict[tuple[str, int], str] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
@@ -135,7 +142,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
                 literal: IPAddress | None = ipaddress.ip_address(host)
             except ValueError:
                 literal = None
-            addresses = [literal] if literal is not None else await resolve(host, port)
+            addresses = [literal] if literal is not None else await self._resolve(host, port)
             # Every answer is vetted: a name that resolves to a public and a private address is refused.
             for ip in addresses:
                 self._guard.check(host, ip)
