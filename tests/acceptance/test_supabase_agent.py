@@ -174,8 +174,11 @@ async def test_realtime_pickup_storage_dataset_training_and_signed_artifacts(
             assert "token=" in artifact["url"], "signed mode must give signed URLs"
             got = await http.get(artifact["url"])
             assert got.status_code == 200, artifact
-            local = run_dir / artifact["path"].removeprefix(f"training_runs/{run_id}/")
-            assert got.content == local.read_bytes(), artifact["name"]
+            assert got.content, artifact["name"]
+            if artifact["name"] == "results.csv":
+                assert got.content.lstrip().startswith(b"epoch"), got.content[:100]
+    # The workspace the artifacts came from is removed once the row is final.
+    await wait_for(lambda: not run_dir.exists(), timeout=30, what="workspace removed")
     assert final["trained_model_url"].split("?")[0].endswith(f"training_runs/{run_id}/weights/best.pt")
 
 

@@ -97,7 +97,8 @@ def test_a_real_training_completes_with_the_old_row_contract(
     assert {"best.pt", "last.pt", "results.csv", "args.yaml"} <= names
     if task == "segment":
         assert any(name.endswith(".png") for name in names), names
-    assert Path(results["run_dir"]).is_dir()
+    # The run's workspace is removed once the row is final.
+    wait_for_sync(lambda: not Path(results["run_dir"]).exists(), timeout=30, what="workspace removed")
     best = Path(row["trained_model_url"].removeprefix("file://"))
     assert best.is_file() and best.as_posix().endswith(f"training_runs/{run_id}/weights/best.pt")
 
