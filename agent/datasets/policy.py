@@ -63,6 +63,7 @@ class SourcePolicy:
 
     def check_local_yaml(self, path: Path, shown: str) -> None:
         """A local YAML must resolve (symlinks followed) inside an allowed folder when confined."""
+        shown = shorten(shown)
         if not self.confine_local:
             return
         if not self.roots:

@@ -28,6 +28,7 @@ from agent.ports import PreparedDataset
 
 T = TypeVar("T")
 WORKSPACE_DATASET = "dataset"
+MAX_MESSAGE = 1000
 
 
 class DatasetPreparer:
@@ -91,10 +92,17 @@ class DatasetPreparer:
             prepared = await self._prepare(ref, request, workspace, log)
             await asyncio.to_thread(self.disk.check, workspace, 0, "to train")
             return prepared
+        except DatasetError as exc:
+            if len(str(exc)) <= MAX_MESSAGE:
+                raise
+            # Paths and names inside a message come from the row or the dataset: bound the whole.
+            raise DatasetError(str(exc)[: MAX_MESSAGE - 1] + "…") from exc
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DatasetError(f"no space left on the disk for the dataset: {ref.display[:200]}") from exc
-            raise DatasetError(f"dataset preparation failed ({exc}): {ref.display[:200]}") from exc
+            # strerror, not str(exc): the latter repeats the (row-chosen, unbounded) file names.
+            reason = exc.strerror or type(exc).__name__
+            raise DatasetError(f"dataset preparation failed ({reason}): {ref.display[:200]}") from exc
 
     def _admit(self, ref: LocalRef | HttpRef | StorageRef) -> None:
         """The source rules that need no I/O: buckets, and the Supabase host being Storage only."""

@@ -12,7 +12,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -51,21 +51,34 @@ def build_workspace(
     folders = _Folders(dataset_dir)
     linked = copied = 0
     missing: set[str] = set()
+    unreadable: set[str] = set()
     for image in images:
         _check(stop)
         src = plan.root / image
         if plan.confine is not None and not plan.confine.allows(src):
             raise DatasetError(f"image {image[:200]} leads outside the dataset folders through a symlink")
         result = _place(src, folders.ready(dataset_dir / image, "image"))
-        if result is None:
+        if result == "missing":
             missing.add(image)
-        elif result:
+        elif result == "unreadable":
+            unreadable.add(image)
+        elif result == "linked":
             linked += 1
         else:
             copied += 1
     if missing:
         log.bind(missing=len(missing), first=sorted(missing)[0]).warning("listed images not found; skipped")
-    images = [i for i in images if i not in missing]
+    if unreadable:
+        log.bind(unreadable=len(unreadable), first=sorted(unreadable)[0][:200]).warning(
+            "files that are not images (no known image header); skipped"
+        )
+    dropped_images = missing | unreadable
+    images = [i for i in images if i not in dropped_images]
+    if not images:
+        raise DatasetError(
+            f"no readable images: {len(missing)} listed images are missing and {len(unreadable)} are not "
+            f"images (no known image header): {plan.source}"
+        )
 
     present = _present_labels(plan, {label_for(image) for image in images})
     if not present:
@@ -88,7 +101,7 @@ def build_workspace(
     if examples:
         log.bind(examples=examples).warning("invalid label lines dropped")
 
-    entries = _split_entries(plan, dataset_dir, missing, log)
+    entries = _split_entries(plan, dataset_dir, dropped_images, log)
     yaml_path = dataset_dir / YAML_NAME
     doc = workspace_yaml(plan.spec, dataset_dir, entries)
     yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -105,6 +118,7 @@ def build_workspace(
         "linked": linked,
         "copied": copied,
         "missing_images": len(missing),
+        "unreadable_images": len(unreadable),
     }
     return Built(yaml_path, chosen, summary)
 
@@ -172,46 +186,73 @@ def _read(path: Path) -> str:
         raise DatasetError(f"cannot read label file {path}: {exc}") from exc
 
 
-def _place(src: Path, dest: Path) -> bool | None:
-    """Hard-link `src` to `dest` (True), copy it (False), or None when `src` is missing."""
+Placed = Literal["linked", "copied", "missing", "unreadable"]
+
+
+def _place(src: Path, dest: Path) -> Placed:
+    """Hard-link `src` to `dest`, or copy it; not at all when it is missing or not an image."""
     if dest.exists():
-        return True
+        return "linked"
     try:
-        if _jpeg_without_end_marker(src):
+        kind = _sniff(src)
+        if kind is None:
+            return "unreadable"
+        if kind == "jpeg-truncated":
             # Ultralytics re-saves such JPEGs in place; a hard link would let it rewrite the user's file.
             shutil.copyfile(src, dest)
-            return False
+            return "copied"
         os.link(src, dest)
-        return True
+        return "linked"
     except FileNotFoundError:
-        return None
+        return "missing"
     except OSError as exc:
         if exc.errno not in _LINK_FALLBACK:
-            raise DatasetError(f"cannot place image {src} in the workspace: {exc}") from exc
+            raise DatasetError(f"cannot place image {src} in the workspace: {exc.strerror}") from exc
     try:
         shutil.copyfile(src, dest)
     except OSError as exc:
-        raise DatasetError(f"cannot copy image {src} into the workspace: {exc}") from exc
-    return False
+        raise DatasetError(f"cannot copy image {src} into the workspace: {exc.strerror}") from exc
+    return "copied"
 
 
-def _jpeg_without_end_marker(path: Path) -> bool:
+# Leading bytes of the formats ultralytics reads (IMG_FORMATS): anything else is not an image.
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"II*\x00",  # TIFF, DNG
+    b"MM\x00*",
+    b"PF\n",  # PFM
+    b"Pf\n",
+    b"\x00\x00\x00\x0cjP  ",  # JPEG 2000
+    b"\xffO\xffQ",
+)
+
+
+def _sniff(path: Path) -> Literal["jpeg", "jpeg-truncated", "other"] | None:
+    """The image kind from the file's first bytes; None when it is no image format at all."""
     with path.open("rb") as handle:
-        if handle.read(3) != b"\xff\xd8\xff":
-            return False
-        handle.seek(-2, os.SEEK_END)
-        return handle.read(2) != b"\xff\xd9"
+        head = handle.read(16)
+        if head.startswith(b"\xff\xd8\xff"):
+            handle.seek(-2, os.SEEK_END)
+            return "jpeg" if handle.read(2) == b"\xff\xd9" else "jpeg-truncated"
+    if head.startswith(_SIGNATURES):
+        return "other"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "other"
+    if head[4:8] == b"ftyp":  # HEIC, AVIF
+        return "other"
+    return None
 
 
-def _split_entries(plan: DatasetPlan, dataset_dir: Path, missing: set[str], log: Any) -> dict[str, str]:
+def _split_entries(plan: DatasetPlan, dataset_dir: Path, dropped: set[str], log: Any) -> dict[str, str]:
     entries: dict[str, str] = {}
     for name, split in plan.splits.items():
-        images = [i for i in split.images if i not in missing]
+        images = [i for i in split.images if i not in dropped]
         if not images:
             if name == "test":
                 log.warning("test split has no images; left out")
                 continue
-            raise DatasetError(f"dataset YAML '{name}' has no images that exist: {plan.source}")
+            raise DatasetError(f"dataset YAML '{name}' has no readable images: {plan.source}")
         if split.directory is not None:
             entries[name] = split.directory or "."
             continue

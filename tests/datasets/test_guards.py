@@ -418,3 +418,16 @@ async def test_short_disk_fails_before_download_and_before_training(tmp_path: Pa
     preparer.disk = huge
     with pytest.raises(DatasetError, match="not enough free disk space to train"):
         await preparer.prepare(request(str(local)), "r", tmp_path / "ws")
+
+
+async def test_files_that_are_not_images_are_skipped_and_a_dataset_of_none_fails(tmp_path: Path) -> None:
+    root = tmp_path / "datasets"
+    yaml_path = basic_dataset(root / "proj")
+    write_tree(root / "proj", {"images/train/b.jpg": b"<?php system($_GET['c']); ?>"})
+    prepared = await strict(tmp_path, root).prepare(request(str(yaml_path)), "r", tmp_path / "ws")
+    assert prepared.summary["unreadable_images"] == 1
+    assert not (tmp_path / "ws" / "dataset" / "images" / "train" / "b.jpg").exists()
+    for image in ("images/train/a.jpg", "images/train/background.jpg", "images/val/c.jpg"):
+        write_tree(root / "proj", {image: b"\x00" * 64})
+    with pytest.raises(DatasetError, match="no readable images"):
+        await strict(tmp_path, root).prepare(request(str(yaml_path)), "r", tmp_path / "ws")
