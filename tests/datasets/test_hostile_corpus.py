@@ -184,7 +184,6 @@ def run_corpus(database_url: str, agent: AgentProc, rows: dict[str, str], secret
     for name, run_id in ids.items():
         row = wait_status(database_url, run_id, "completed", "failed", "canceled", timeout=60)
         message = row["error_message"] or ""
-        print(f"{name!r:45} {message[:230]!r}")
         if row["status"] != "failed":
             problems.append(f"{name}: {row['status']}")
         if not message or len(message) >= 2000:
