@@ -118,7 +118,7 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         relist_after=settings.dataset_relist_after,
         policy=SourcePolicy.for_backend(
             settings.backend,
-            settings.dataset_roots,
+            _dataset_roots(settings),
             allow_private_urls=settings.allow_private_dataset_urls,
             buckets=settings.dataset_buckets,
             supabase_url=settings.supabase_url,
@@ -174,3 +174,12 @@ def ensure_dirs(settings: Settings) -> None:
     folders = (settings.data_dir, settings.runs_root, settings.cache_root, settings.artifacts_root)
     for path in (*folders, *tool_caches(settings).values()):
         Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _dataset_roots(settings: Settings) -> tuple[Path, ...]:
+    """The operator's dataset folders; on the embedded backend also the demo's, which the agent writes."""
+    roots = settings.dataset_roots
+    if settings.backend == "embedded" and roots:
+        # Only with a root set: without one, local paths are free there anyway.
+        return (*roots, settings.data_dir / "demo")
+    return roots

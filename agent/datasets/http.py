@@ -28,6 +28,8 @@ _MAX_DEPTH = 32
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
+# No dataset file is this large; a server that sends more is stopped before it fills the disk.
+MAX_FILE_BYTES = 4 * 1024**3
 # A directory index page larger than this is not a listing worth parsing.
 MAX_LISTING_BYTES = 16 * 1024 * 1024
 
@@ -297,6 +299,10 @@ async def _write_body(response: httpx.Response, dest: Path) -> int:
     try:
         async for chunk in response.aiter_bytes():
             size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise RemoteError(
+                    f"a file larger than {MAX_FILE_BYTES // 1024**3} GB: {_plain(str(response.url))}"
+                )
             if handle is None:
                 buffered.append(chunk)
                 if size > _BUFFER_LIMIT:

@@ -16,7 +16,7 @@ from agent.datasets.cache import DatasetCache, Fetcher, RetryPolicy, evict
 from agent.datasets.disk import DiskSpace
 from agent.datasets.http import HttpSource
 from agent.datasets.local import plan_local
-from agent.datasets.policy import SourcePolicy
+from agent.datasets.policy import SourcePolicy, shorten
 from agent.datasets.refs import HttpRef, LocalRef, StorageRef, parse_dataset_ref
 from agent.datasets.remote import RemoteSource, SourceFactory
 from agent.datasets.spec import DatasetPlan
@@ -97,6 +97,12 @@ class DatasetPreparer:
                 raise
             # Paths and names inside a message come from the row or the dataset: bound the whole.
             raise DatasetError(str(exc)[: MAX_MESSAGE - 1] + "…") from exc
+        except ValueError as exc:
+            # A path the OS cannot take (an embedded NUL byte, say): the row's fault, not the agent's.
+            reason = shorten(str(exc), 100)
+            raise DatasetError(
+                f"dataset preparation failed (invalid path or value: {reason}): {ref.display[:200]}"
+            ) from exc
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DatasetError(f"no space left on the disk for the dataset: {ref.display[:200]}") from exc

@@ -41,6 +41,7 @@ MAX_YAML_BYTES = 1024 * 1024
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 20_000
 MAX_YAML_SCALAR = 64 * 1024
+MAX_CLASSES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,11 @@ def load_spec(text: str, where: str, *, echo: bool = True) -> DatasetSpec:
         raise DatasetError(f"dataset YAML is nested too deeply: {where}") from exc
     except yaml.YAMLError as exc:
         raise DatasetError(f"dataset YAML is not valid YAML ({_yaml_problem(exc)}): {where}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        # A scalar the safe loader resolves but cannot build (a date like 2020-13-45).
+        raise DatasetError(
+            f"dataset YAML holds a value that cannot be read ({type(exc).__name__}): {where}"
+        ) from exc
     if not isinstance(doc, dict):
         raise DatasetError(f"dataset YAML must be a mapping of keys (train, val, names, …): {where}")
     doc = {str(k): v for k, v in doc.items()}
@@ -223,8 +229,10 @@ def workspace_yaml(spec: DatasetSpec, dataset_dir: Path, splits: dict[str, str])
 def _class_count(doc: dict[str, Any], where: str, show: Callable[[object], str]) -> int:
     names = doc.get("names")
     nc = doc.get("nc")
-    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
-        raise DatasetError(f"dataset YAML key 'nc' must be a positive integer, not {show(nc)}: {where}")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or not 1 <= nc <= MAX_CLASSES):
+        raise DatasetError(
+            f"dataset YAML key 'nc' must be a positive integer up to {MAX_CLASSES}, not {show(nc)}: {where}"
+        )
     if names is None:
         if nc is None:
             raise DatasetError(f"dataset YAML has no 'names' key (nor 'nc'): {where}")

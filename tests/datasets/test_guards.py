@@ -308,7 +308,7 @@ async def test_fetched_content_is_never_quoted(tmp_path: Path, serve: Serve) -> 
     basic_dataset(src)
     write_tree(src, {"data.yaml": f"train: images/train\nval: images/val\nnc: {secret}\nnames: [a]\n"})
     server = await serve(tmp_path / "site")
-    with pytest.raises(DatasetError, match="'nc' must be a positive integer, not a str") as err:
+    with pytest.raises(DatasetError, match=r"'nc' must be a positive integer up to \d+, not a str") as err:
         await strict(tmp_path, allow_private_urls=True).prepare(
             request(f"{server.url}/proj/data.yaml"), "r", tmp_path / "ws"
         )
@@ -341,6 +341,8 @@ BILLION_LAUGHS = "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\
         ("train: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32"),
         ("names: [" + ",".join(["x"] * 300_000) + "]\n", "more than"),
         ("train: " + "x" * (2 * 1024 * 1024) + "\n", "too large"),
+        ("train: a\nval: b\nnames: [a]\nwhen: 2020-13-45\n", "value that cannot be read"),
+        ("train: a\nval: b\nnc: 99999999999999999999999\n", "'nc' must be a positive integer up to"),
     ],
 )
 def test_hostile_yaml_is_refused_quickly_with_a_short_message(text: str, problem: str) -> None:
@@ -430,4 +432,11 @@ async def test_files_that_are_not_images_are_skipped_and_a_dataset_of_none_fails
     for image in ("images/train/a.jpg", "images/train/background.jpg", "images/val/c.jpg"):
         write_tree(root / "proj", {image: b"\x00" * 64})
     with pytest.raises(DatasetError, match="no readable images"):
+        await strict(tmp_path, root).prepare(request(str(yaml_path)), "r", tmp_path / "ws")
+
+
+async def test_a_path_with_a_nul_byte_fails_the_run_cleanly(tmp_path: Path) -> None:
+    root = tmp_path / "datasets"
+    yaml_path = basic_dataset(root / "proj", path="sub\x00dir")
+    with pytest.raises(DatasetError, match=r"invalid path or value|invalid characters"):
         await strict(tmp_path, root).prepare(request(str(yaml_path)), "r", tmp_path / "ws")
