@@ -146,7 +146,9 @@ class GuardedTransport(httpx.AsyncBaseTransport):
             # Every answer is vetted: a name that resolves to a public and a private address is refused.
             for ip in addresses:
                 self._guard.check(host, ip)
-            self._pinned[key] = str(addresses[0])
+            # One address for the whole sync; IPv4 first, as a host without IPv6 routes can reach it.
+            chosen = next((ip for ip in addresses if ip.version == 4), addresses[0])
+            self._pinned[key] = str(chosen)
             return self._pinned[key]
 
     async def aclose(self) -> None:
