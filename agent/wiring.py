@@ -9,6 +9,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -21,15 +22,30 @@ from agent.core.workspaces import WorkspacePolicy
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
 
+if TYPE_CHECKING:
+    from agent.backends.postgres.embedded import EmbeddedPostgres
+
 # Where pretrained weights come from; unreachable means the host trains offline.
 _ONLINE_PROBE = ("github.com", 443)
+
+
+# Embedded servers this process started or joined: stopped explicitly on a forced exit, which
+# skips the atexit hook that normally stops them.
+_embedded: list[EmbeddedPostgres] = []
 
 
 def embedded_database_url(settings: Settings) -> str:
     from agent.backends.postgres.embedded import start_embedded
 
     server = start_embedded(settings.embedded_pgdata)
+    _embedded.append(server)
     return server.url("postgres")
+
+
+def stop_embedded() -> None:
+    """Stop the embedded Postgres unless another live process still uses it."""
+    while _embedded:
+        _embedded.pop().stop()
 
 
 async def _postgres(settings: Settings, url: str, *, migrate_schema: bool) -> Backends:

@@ -15,12 +15,17 @@ from loguru import logger
 from agent.core.pipeline import Deps, RunControl, drain_final_writes, execute
 from agent.core.supervisor import Supervisor
 from agent.domain.errors import BackendError, BackendUnavailable
-from agent.domain.run import Claimed, Hint, Lease, WorkerInfo, WorkerState
+from agent.domain.run import Canceled, Claimed, Failed, Hint, Lease, WorkerInfo, WorkerState
 from agent.domain.status import RunStatus, WorkerStatus
 from agent.ports import RunEvents
 from agent.retry import transient
 
 ShutdownMode = Literal["wait", "release"]
+
+FORCED_EXIT_MESSAGE = (
+    "The agent was forced to exit (a second stop signal) while this run was still training; "
+    "submit it again to retrain."
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,44 @@ class Agent:
         self._log.bind(reason=self._stop_reason).info("agent stopped")
         return self._stop_reason
 
+    async def abort(self, within: float = 2.0) -> None:
+        """Forced exit: no trainer left behind, and no run left `running` for a rescue to retrain.
+
+        One best-effort write per run: released in `release` mode, failed with a message saying why
+        in `wait` mode (its operator asked for it to finish, then refused to wait), canceled when a
+        cancel was under way.
+        """
+        leases = {run_id: (control.lease, control.interrupted()) for run_id, control in self.runs.items()}
+        # The pipelines go first, so none of them writes `failed: exited with code -9` over ours.
+        for task in self._run_tasks:
+            task.cancel()
+        self.kill_children()
+        store = self.deps.store
+
+        async def settle(lease: Lease, why: str | None) -> tuple[str, bool]:
+            if why == "lost":
+                return "lost", False
+            if why == "cancel":
+                return "canceled", await store.finish(lease, Canceled())
+            if self.settings.shutdown_mode == "release" or why == "release":
+                return "released", await store.release(lease)
+            return "failed", await store.finish(lease, Failed(FORCED_EXIT_MESSAGE))
+
+        async def one(run_id: str, lease: Lease, why: str | None) -> None:
+            log = self._log.bind(run_id=run_id)
+            try:
+                outcome, landed = await settle(lease, why)
+            except (BackendUnavailable, BackendError) as exc:
+                log.warning("forced exit: could not settle the run, a rescue will: {}", exc)
+                return
+            log.bind(outcome=outcome, landed=landed).warning("forced exit: run settled")
+
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(one(run_id, *entry) for run_id, entry in leases.items()))
+        except TimeoutError:
+            self._log.bind(seconds=within).warning("forced exit: the database did not answer in time")
+
     def kill_children(self) -> None:
         """Last resort on a second signal: no trainer may outlive the agent."""
         for control in self.runs.values():
@@ -117,13 +160,18 @@ class Agent:
     async def _poller(self) -> None:
         """The truth behind the hints: claimable and cancel-requested runs, on a slow timer."""
         last_poll = float("-inf")
+        started = time.monotonic()
         while True:
             # Wake at least every degraded interval so that a stream going down shortens the wait.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.degraded_poll_interval):
                     await self._poll_now.wait()
             healthy = self.events.healthy
-            if not healthy and not self._degraded_logged:
+            # The first subscription takes a moment: only a stream that was up, or that stays down
+            # for a whole degraded interval, is worth a warning.
+            waited = time.monotonic() - started
+            settling = not self.ready.is_set() and waited < self.settings.degraded_poll_interval
+            if not healthy and not self._degraded_logged and not settling:
                 self._log.bind(interval=self.settings.degraded_poll_interval).warning(
                     "event stream down: polling faster until it is back"
                 )

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, assert_never
 
 from loguru import logger
 
-from agent.core.progress import ProgressTracker
+from agent.core.progress import ProgressTracker, hhmmss
 from agent.core.workspaces import WorkspacePolicy, clean_workspaces
 from agent.domain.errors import (
     AgentError,
@@ -28,6 +28,7 @@ from agent.domain.errors import (
     InvalidRequest,
     WeightsError,
 )
+from agent.domain.messages import EpochEnd
 from agent.domain.request import Task, TrainingRequest, parse_request
 from agent.domain.results import summarize
 from agent.domain.run import Artifact, Canceled, Claimed, Completed, Failed, Lease, Outcome
@@ -129,12 +130,12 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
 async def _execute(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> Outcome | None:
     """The run's outcome for the final write; None when the run was released or taken away."""
     lease = claimed.lease
-    log.info("run claimed")
-
     try:
         request = parse_request(claimed.row)
     except InvalidRequest as exc:
+        log.info("run claimed")
         return Failed(str(exc))
+    log.bind(model=request.base_model, epochs=request.epochs, data=request.data_yaml).info("run claimed")
     for note in request.notes:
         log.info("request note: {}", note)
 
@@ -184,12 +185,15 @@ async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace
         return TrainJob(lease.run_id, lease.attempt, request, workspace, None, "fake")
     started = time.monotonic()
     dataset: PreparedDataset = await deps.datasets.prepare(request, lease.run_id, workspace)
-    log.bind(task=dataset.task, seconds=round(time.monotonic() - started, 2), **dataset.summary).info(
-        "dataset prepared"
-    )
+    counts = {k: v for k, v in dataset.summary.items() if k in _DATASET_COUNTS}
+    log.bind(task=dataset.task, seconds=round(time.monotonic() - started, 2), **counts).info("dataset ready")
     model = deps.resolve_model(request, dataset.task)
     resume = await _fetch_checkpoint(deps, lease, workspace, log) if lease.attempt > 1 else None
     return TrainJob(lease.run_id, lease.attempt, request, workspace, dataset, model, resume)
+
+
+# The counts a person checks first; the full summary is in the DEBUG lines of the dataset preparer.
+_DATASET_COUNTS = ("images", "labels", "instances", "dropped", "downloaded")
 
 
 async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Any) -> Path | None:
@@ -219,6 +223,8 @@ async def _train(
     async def consume() -> None:
         async for msg in proc.messages():
             tracker.update(msg)
+            if isinstance(msg, EpochEnd):
+                _log_epoch(log, tracker)
             if tracker.urgent:
                 wake.set()
                 if tracker.checkpoint:
@@ -242,13 +248,27 @@ async def _train(
 
     if tracker.done is None:
         return Failed(_crash_message(exit_, tracker))
-    log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).info(
+    log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).debug(
         "training finished"
     )
     try:
         return await _completed(deps, lease, job, tracker)
     except (BackendError, BackendUnavailable, OSError) as exc:
         return Failed(f"Training finished but uploading its artifacts failed: {exc}")
+
+
+def _log_epoch(log: Any, tracker: ProgressTracker) -> None:
+    """One line per epoch: where it is, how it learns, when it ends."""
+    metrics = tracker.metrics
+    train_losses = [v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")]
+    losses = train_losses or list(tracker.losses.values())
+    map50 = metrics.get("metrics/mAP50(M)", metrics.get("metrics/mAP50(B)"))
+    log.bind(
+        epoch=f"{tracker.epochs_done}/{tracker.total_epochs}",
+        loss=round(sum(losses), 4) if losses else None,
+        mAP50=round(map50, 4) if isinstance(map50, (int, float)) else None,
+        eta=hhmmss(tracker.eta_seconds),
+    ).info("epoch done")
 
 
 async def _stop_training(
@@ -474,7 +494,14 @@ async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None
     if not landed:
         log.bind(outcome=status).warning("final write matched no row: the lease was lost")
     elif isinstance(outcome, Failed):
-        log.bind(outcome=status).warning("run failed: {}", outcome.error_message.splitlines()[0])
+        log.bind(outcome=status).warning("run failed: {}", (outcome.error_message.splitlines() or [""])[0])
+    elif isinstance(outcome, Completed):
+        r = outcome.results
+        log.bind(
+            outcome=status,
+            **{"mAP50-95": r.get("mAP"), "mAP50": r.get("mAP50")},
+            model=outcome.trained_model_url,
+        ).info("run finished")
     else:
         log.bind(outcome=status).info("run finished")
 

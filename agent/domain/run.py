@@ -153,3 +153,6 @@ class NewRun:
     data_yaml: str | None
     base_model: str | None = None
     configuration: JsonDict = field(default_factory=dict)
+    run_name: str | None = None
+    project_id: str | None = None
+    step_id: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,35 @@ class EmbeddedPostgres:
         return str(self._server.get_uri(dbname))  # type: ignore[attr-defined]
 
     def stop(self) -> None:
+        """Drop this process's handle; the last live process using the server stops it."""
+        _forget_dead_handles(self._server)
         cleanup = getattr(self._server, "_cleanup", None)
         if cleanup is not None:
             cleanup()
+
+
+def _forget_dead_handles(server: object) -> None:
+    # The wheel counts processes by pid in a file and stops the server when the last one leaves;
+    # a process that was killed never leaves, and would keep the server up for good.
+    handles = getattr(server, "global_process_id_list", None)
+    lock = getattr(server, "_lock", None)
+    if handles is None or lock is None:
+        return
+    with lock:
+        pids = handles.get()
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            handles.put(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_embedded(pgdata: Path, cleanup: Literal["stop", "delete"] | None = "stop") -> EmbeddedPostgres:
