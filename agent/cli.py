@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return FAILED
     except KeyboardInterrupt:
         return INTERRUPTED
+    except BrokenPipeError:
+        # `saturnos-agent show RUN --json | head`: the reader left, nothing is wrong.
+        sys.stderr.close()
+        return OK
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -129,8 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         "releases them; a second one kills the trainers, releases (release mode) or fails (wait mode)\n"
         "the runs, stops the embedded Postgres and exits at once.\n"
         "exit codes: 0 stopped cleanly, 1 could not start, 2 bad settings, 130 forced exit (second signal)\n"
-        "\n"
-        + _settings_help(),
+        "\n" + _settings_help(),
     )
     # The one command that serves runs logs at LOG_LEVEL; the others stay quiet unless -v.
     run.set_defaults(func=cmd_run, serves=True)
@@ -272,7 +275,7 @@ class _ForcedExit:
             return
         try:
             self._agent.kill_children()
-            stop_embedded()
+            stop_embedded(now=True)
         finally:
             logger.complete()
             os._exit(INTERRUPTED)
@@ -337,7 +340,8 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     except (ValueError, InvalidRequest) as exc:
         print(f"saturnos-agent: {exc}", file=sys.stderr)
         return USAGE
-    if run.data_yaml is not None and _looks_local(run.data_yaml) and not Path(run.data_yaml).is_absolute():
+    local = run.data_yaml is not None and _looks_local(run.data_yaml)
+    if local and run.configuration.get("trainer") != "fake" and not Path(str(run.data_yaml)).is_absolute():
         print(
             f"saturnos-agent: note: {run.data_yaml} is not a file here; the agent looks for it under its "
             "DATASET_ROOT",
@@ -575,8 +579,9 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             make_dataset, args.dataset_only, args.task, train=64, val=16, imgsz=args.imgsz
         )
         print(data_yaml)
+        given = args.dataset_only / "data.yaml"
         print(
-            f"submit it with: saturnos-agent submit {data_yaml} --model YOLOv8n --scratch "
+            f"submit it with: saturnos-agent submit {given} --model YOLOv8n --scratch "
             f"--imgsz {args.imgsz} --epochs {args.epochs} --watch",
             file=sys.stderr,
         )

@@ -42,10 +42,14 @@ def embedded_database_url(settings: Settings) -> str:
     return server.url("postgres")
 
 
-def stop_embedded() -> None:
-    """Stop the embedded Postgres unless another live process still uses it."""
+def stop_embedded(*, now: bool = False) -> None:
+    """Stop the embedded Postgres unless another live process still uses it (`now`: without waiting)."""
     while _embedded:
-        _embedded.pop().stop()
+        server = _embedded.pop()
+        if now:
+            server.stop_now()
+        else:
+            server.stop()
 
 
 async def _postgres(settings: Settings, url: str, *, migrate_schema: bool) -> Backends:

@@ -47,11 +47,13 @@ def resolve_model(request: TrainingRequest, task: Task, weights_dir: Path | None
         raise WeightsError(
             f"Base model weights {ref!r} are not available: not found in {where} or in {places}, "
             f"and this host is offline so they cannot be downloaded. Put {ref} into WEIGHTS_DIR, "
-            'or set "pretrained": false in the configuration to train from scratch.'
+            'or train from scratch: `saturnos-agent submit --scratch`, or "pretrained": false in the '
+            "configuration."
         )
     raise WeightsError(
-        f"Base model weights {ref!r} not found (looked in {places}). "
-        'Check the path, or set "pretrained": false in the configuration to train from scratch.'
+        f"Base model weights {ref!r} not found (looked in {places}). Check the path or WEIGHTS_DIR, "
+        'or train from scratch: `saturnos-agent submit --scratch`, or "pretrained": false in the '
+        "configuration."
     )
 
 
