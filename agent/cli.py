@@ -386,7 +386,8 @@ async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         map_ = final_metrics(row).get("mAP50-95")
         map_s = f"{map_:.4f}" if map_ is not None else "-"
         created = _when(row.created_at) or "-"
-        error = logs.short(first_line(row.error_message), 60) if row.error_message else ""
+        error = first_line(row.error_message)
+        error = error if len(error) <= 100 else error[:99] + "…"
         print(
             f"{row.id:36}  {row.status.value:9}  {pct_s:>8}  {map_s:>8}  {(row.worker_id or '-'):20}  "
             f"{created:19}  {error}".rstrip()
