@@ -499,11 +499,15 @@ async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None
         r = outcome.results
         log.bind(
             outcome=status,
-            **{"mAP50-95": r.get("mAP"), "mAP50": r.get("mAP50")},
+            **{"mAP50-95": _rounded(r.get("mAP")), "mAP50": _rounded(r.get("mAP50"))},
             model=outcome.trained_model_url,
         ).info("run finished")
     else:
         log.bind(outcome=status).info("run finished")
+
+
+def _rounded(value: object) -> object:
+    return round(value, 4) if isinstance(value, float) else value
 
 
 _final_writes: set[asyncio.Future[bool]] = set()

@@ -136,7 +136,7 @@ class DatasetPreparer:
         else:
             built, counts = await self._remote(ref, build, log)
         summary = {**built.summary, **counts}
-        log.bind(task=built.task, seconds=round(time.monotonic() - started, 2), **summary).info(
+        log.bind(task=built.task, seconds=round(time.monotonic() - started, 2), **summary).debug(
             "dataset workspace ready"
         )
         return PreparedDataset(yaml_path=built.yaml_path, task=built.task, summary=summary)

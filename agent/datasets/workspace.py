@@ -97,7 +97,7 @@ def build_workspace(
             f"no labels found: {stats.files} label files hold no valid annotation "
             f"({stats.dropped} invalid lines dropped{': ' + examples[0] if examples else ''}): {plan.source}"
         )
-    log.bind(task=chosen, inferred=task is None, **stats.as_dict()).info("labels normalized")
+    log.bind(task=chosen, inferred=task is None, **stats.as_dict()).debug("labels normalized")
     if examples:
         log.bind(examples=examples).warning("invalid label lines dropped")
 

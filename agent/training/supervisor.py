@@ -121,7 +121,7 @@ class ChildTrainer:
             # Nobody would supervise it: take the whole group down before giving up.
             signal_group(proc.pid, signal.SIGKILL)
             raise
-        child.log.info("trainer child started", trainer=job.request.trainer, workspace=str(job.workspace))
+        child.log.debug("trainer child started", trainer=job.request.trainer, workspace=str(job.workspace))
         return child
 
 
@@ -257,7 +257,7 @@ class ChildProcess:
                 waited += _REAP_POLL
             if group_alive(self._pgid):
                 self.log.error("processes of the trainer's group survived SIGKILL", waited=_REAP_TIMEOUT)
-        level = "INFO" if returncode == 0 else "WARNING"
+        level = "DEBUG" if returncode == 0 else "WARNING"
         self.log.log(
             level, "trainer child exited", returncode=returncode, stop_requested=self._stop_requested
         )
