@@ -196,3 +196,45 @@ def test_two_sigints_in_release_mode_put_the_run_back_in_the_queue(
     row = shown(env, run_id)
     assert (row["status"], row["worker_id"], row["started_at"]) == ("queued", None, None)
     assert row["error_message"] is None
+
+
+@pytest.mark.slow
+def test_demo_on_two_ctrl_c_leaves_no_trainer_no_postgres_and_no_running_run(
+    tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    env = embedded_env(tmp_path / "agent", LOG_JSON="0", SHUTDOWN_MODE="wait")
+    pgdata = (tmp_path / "agent" / "pgdata").resolve()
+    out, err = tmp_path / "demo.out", tmp_path / "demo.err"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "demo", "--epochs", "200", "--imgsz", "64"],
+        cwd=REPO,
+        env=env,
+        stdout=out.open("wb"),
+        stderr=err.open("wb"),
+        start_new_session=True,
+    )
+    started.append(proc)
+
+    def submitted() -> str | None:
+        assert proc.poll() is None, err.read_text()
+        lines = [line for line in out.read_text().splitlines() if line.startswith("2/4 submitted run ")]
+        return lines[0].split()[3] if lines else None
+
+    run_id = wait_for_sync(submitted, timeout=120, what="demo submitted its run")
+
+    def epoch_done() -> bool:
+        assert proc.poll() is None, err.read_text()
+        return "epoch 1/200" in out.read_text() or "epoch 2/200" in out.read_text()
+
+    wait_for_sync(epoch_done, timeout=240, interval=0.5, what="the demo's first epoch")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    wait_for_sync(lambda: "press Ctrl-C again" in err.read_text(), what="first Ctrl-C acknowledged")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+
+    wait_for_sync(lambda: not postgres_of(pgdata), timeout=10, what=f"no postgres for {pgdata}")
+    for child in children:
+        wait_for_sync(lambda c=child: not c.is_running() or _zombie(c.pid), timeout=5, what="no trainer")
+    row = shown(env, run_id)
+    assert (row["status"], row["error_message"]) == ("failed", FORCED_EXIT_MESSAGE)
