@@ -498,9 +498,16 @@ def render_show(row: RunRow) -> str:
     if row.trained_model_url:
         lines.append(("model", row.trained_model_url))
     artifacts = results.get("artifacts")
-    for artifact in artifacts if isinstance(artifacts, list) else []:
-        if isinstance(artifact, dict):
-            lines.append(("artifact", str(artifact.get("url") or artifact.get("path"))))
+    urls = [
+        str(a.get("url") or a.get("path"))
+        for a in (artifacts if isinstance(artifacts, list) else [])
+        if isinstance(a, dict)
+    ]
+    plots = [u for u in urls if u.lower().endswith((".png", ".jpg"))]
+    lines.extend(("artifact", u) for u in urls if u not in plots)
+    if plots:
+        folder = plots[0].rsplit("/", 1)[0]  # plots lie side by side in the run folder
+        lines.append(("plots", f"{len(plots)} images in {folder}/"))
     if row.error_message:
         for i, text in enumerate(row.error_message.strip().splitlines()):
             lines.append(("error" if i == 0 else "", text))
