@@ -291,7 +291,9 @@ def _install_signal_handlers(agent: Any, notify: Callable[[str], None] | None = 
         if len(seen) == 1:
             agent.stop(f"signal {sig.name}")
             if notify is not None:
-                notify("stopping; press Ctrl-C again to exit now")
+                waits = agent.settings.shutdown_mode == "wait"
+                then = "the run in flight finishes first" if waits else "the run goes back to the queue"
+                notify(f"stopping: {then}; press Ctrl-C again to exit now")
             return
         if len(seen) == 2:
             logger.bind(signal=sig.name).warning("second signal: killing trainers and exiting now")
