@@ -19,6 +19,7 @@ from loguru import logger
 
 from agent import __version__, logs
 from agent.config import ConfigError, Settings, legacy_settings_present
+from agent.core.pipeline import without_secrets
 from agent.domain.errors import AgentError, InvalidRequest
 from agent.domain.request import DEFAULT_BASE_MODEL, parse_request
 from agent.domain.run import NewRun, RunRow
@@ -476,7 +477,8 @@ def render_show(row: RunRow) -> str:
     asked = " (cancel requested)" if row.cancel_requested and not row.status.terminal else ""
     lines = [("run", row.id), ("status", row.status.value + asked)]
     lines.append(("worker", f"{row.worker_id or '-'} (attempt {row.attempt})"))
-    lines.append(("request", f"{row.base_model or DEFAULT_BASE_MODEL} on {row.data_yaml or '-'}"))
+    data = without_secrets(row.data_yaml) if row.data_yaml else "-"
+    lines.append(("request", f"{row.base_model or DEFAULT_BASE_MODEL} on {data}"))
     for label, at in (
         ("created", row.created_at),
         ("started", row.started_at),

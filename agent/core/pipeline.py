@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, assert_never
+from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
 
@@ -135,7 +136,9 @@ async def _execute(deps: Deps, claimed: Claimed, control: RunControl, log: Any) 
     except InvalidRequest as exc:
         log.info("run claimed")
         return Failed(str(exc))
-    log.bind(model=request.base_model, epochs=request.epochs, data=request.data_yaml).info("run claimed")
+    log.bind(model=request.base_model, epochs=request.epochs, data=without_secrets(request.data_yaml)).info(
+        "run claimed"
+    )
     for note in request.notes:
         log.info("request note: {}", note)
 
@@ -190,6 +193,14 @@ async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace
     model = deps.resolve_model(request, dataset.task)
     resume = await _fetch_checkpoint(deps, lease, workspace, log) if lease.attempt > 1 else None
     return TrainJob(lease.run_id, lease.attempt, request, workspace, dataset, model, resume)
+
+
+def without_secrets(data_yaml: str) -> str:
+    """A dataset reference fit for a log line: a URL loses its query (signed tokens) and user info."""
+    parts = urlsplit(data_yaml)
+    if not parts.scheme or not parts.netloc:
+        return data_yaml
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
 # The counts a person checks first; the full summary is in the DEBUG lines of the dataset preparer.

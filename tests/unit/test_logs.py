@@ -14,6 +14,7 @@ from loguru import logger
 
 from agent import logs
 from agent.backends.memory import MemoryEvents
+from agent.core.pipeline import without_secrets
 from agent.ports import HintSink
 from tests.unit.test_core import harness, run_config
 from tests.util import wait_for
@@ -120,3 +121,10 @@ async def test_a_stream_that_never_comes_up_is_reported(
     finally:
         h.agent.stop("test over")
         await asyncio.wait_for(task, 10)
+
+
+def test_a_dataset_url_is_logged_without_its_token_or_user_info() -> None:
+    signed = "https://user:pw@x.supabase.co:8443/storage/v1/object/sign/datasets/a/data.yaml?token=eyJ.abc"
+    assert without_secrets(signed) == "https://x.supabase.co:8443/storage/v1/object/sign/datasets/a/data.yaml"
+    for plain in ("storage:datasets/a/data.yaml", "/srv/data/a.yaml", "a/data.yaml"):
+        assert without_secrets(plain) == plain
