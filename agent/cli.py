@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -275,8 +276,10 @@ class _ForcedExit:
         if not self._once.acquire(blocking=False):
             return
         try:
-            self._agent.kill_children()
-            stop_embedded(now=True)
+            # Last resort, possibly from the deadline's thread: each step is tried whatever the other did.
+            for step in (self._agent.kill_children, lambda: stop_embedded(now=True)):
+                with contextlib.suppress(Exception):
+                    step()
         finally:
             logger.complete()
             os._exit(INTERRUPTED)

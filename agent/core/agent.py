@@ -139,7 +139,7 @@ class Agent:
 
     def kill_children(self) -> None:
         """Last resort on a second signal: no trainer may outlive the agent."""
-        for control in self.runs.values():
+        for control in list(self.runs.values()):
             if control.pid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(control.pid, signal.SIGKILL)
