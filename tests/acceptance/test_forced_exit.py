@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,16 @@ def records(log: Path) -> list[dict[str, Any]]:
 
 def logged(log: Path, message: str) -> list[dict[str, Any]]:
     return [r for r in records(log) if r["message"] == message]
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A folder outside pytest's own: pytest keeps that tree private (0700) to its user, and as root
+    the embedded Postgres runs as another user that must reach its data folder."""
+    path = Path(tempfile.mkdtemp(prefix="saturnos-test-forced-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
