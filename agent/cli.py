@@ -212,9 +212,9 @@ def _parser() -> argparse.ArgumentParser:
         "Ctrl-C once: the run finishes (SHUTDOWN_MODE=wait) or is released; twice: exit now, nothing left.\n"
         "exit codes: 0 completed, 1 failed, 2 bad input or settings, 3 canceled, 130 interrupted",
     )
-    demo.add_argument("--task", choices=("detect", "segment"), default="detect")
-    demo.add_argument("--epochs", type=int, default=40)
-    demo.add_argument("--imgsz", type=int, default=128)
+    demo.add_argument("--task", choices=("detect", "segment"), default="detect", help="what to train")
+    demo.add_argument("--epochs", type=int, default=40, metavar="N", help="epochs of training")
+    demo.add_argument("--imgsz", type=int, default=128, metavar="PX", help="image size, px")
     demo.add_argument(
         "--dataset-only",
         metavar="DIR",
