@@ -102,8 +102,11 @@ def _settings_help() -> str:
     shown = []
     for f in fields(Settings):
         value = getattr(defaults, f.name)
-        value = _DERIVED_DEFAULTS.get(f.name, "-") if value is None else value
-        shown.append(f"  {f.name.upper():26} {value}")
+        if value is None or value == ():
+            value = _DERIVED_DEFAULTS.get(f.name, "-")
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        shown.append(f"  {f.name.upper():28} {value}")
     return "settings (environment variables) and their defaults:\n" + "\n".join(shown)
 
 
