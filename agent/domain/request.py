@@ -133,7 +133,7 @@ def parse_request(row: RunRow) -> TrainingRequest:
     optimizer = _optimizer(cfg.get("optimizer", "Adam"))
     device = _device(cfg.get("device", 0))
     pretrained = _bool(cfg, "pretrained", True)
-    augmentation = _augmentation(cfg.get("augmentation"))
+    augmentation = _augmentation(cfg, notes)
     trainer = cfg.get("trainer", "ultralytics")
     if trainer not in ("ultralytics", "fake"):
         raise InvalidRequest("trainer", trainer, "must be 'ultralytics' or 'fake'")
@@ -160,7 +160,7 @@ def parse_request(row: RunRow) -> TrainingRequest:
             batches=_int(cfg, "fakeBatches", 5, low=1, high=10_000),
             crash_at_epoch=_opt_int(cfg, "fakeCrashAtEpoch", low=1, high=100_000),
         ),
-        notes=tuple(notes),
+        notes=tuple(notes + _ignored_keys(cfg)),
     )
 
 
@@ -282,19 +282,78 @@ def _device(value: object) -> str | None:
     raise InvalidRequest("device", value, "must be a GPU index, a list of indexes, 'cuda:N', 'mps' or 'cpu'")
 
 
-def _augmentation(value: object) -> dict[str, float]:
-    if value is None:
-        return {}
+def _augmentation(cfg: Mapping[str, object], notes: list[str]) -> dict[str, float]:
+    """Known augmentation values, validated; unknown keys and the app's `preset` label are not errors.
+
+    The old script also read augmentation keys from the top level of `configuration`; those apply
+    where `augmentation` does not set the key.
+    """
+    value = cfg.get("augmentation")
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest("augmentation", _short(value), f"is not valid JSON ({exc.msg})") from exc
+    if value is None or value == "":
+        value = {}
     if not isinstance(value, dict):
-        raise InvalidRequest("augmentation", value, "must be an object of augmentation values")
+        raise InvalidRequest("augmentation", _short(value), "must be an object of augmentation values")
     result: dict[str, float] = {}
+    unknown: list[str] = []
     for key, raw in value.items():
-        name = f"augmentation.{key}"
+        if key == "preset":
+            # The web app's label for the values it sends along ('standard', 'custom', ...).
+            continue
         if key not in AUGMENTATION_RANGES:
-            raise InvalidRequest(name, raw, f"unknown augmentation; known: {', '.join(AUGMENTATION_RANGES)}")
-        low, high = AUGMENTATION_RANGES[key]
-        number = _number(name, raw)
-        if not low <= number <= high:
-            raise InvalidRequest(name, raw, f"must be between {low} and {high}")
-        result[key] = number
+            unknown.append(f"augmentation.{key}")
+        elif raw is not None:
+            result[key] = _augmentation_value(f"augmentation.{key}", key, raw)
+    for key in AUGMENTATION_RANGES:
+        if key not in result and cfg.get(key) is not None:
+            result[key] = _augmentation_value(key, key, cfg[key])
+    notes.extend(_ignored("not an augmentation setting", unknown))
     return result
+
+
+def _augmentation_value(name: str, key: str, raw: object) -> float:
+    low, high = AUGMENTATION_RANGES[key]
+    number = _number(name, raw)
+    if not low <= number <= high:
+        raise InvalidRequest(name, raw, f"must be between {low} and {high}")
+    return number
+
+
+# Keys the web app sends that do not change a training: the run's display name, the dialog's
+# compute choice (already turned into `device`), and its hyper-parameter search settings.
+APP_KEYS = frozenset({"runName", "compute", "optimizationStrategy", "bayesianConfig"})
+# Every key parse_request reads.
+KNOWN_KEYS = frozenset(
+    {
+        *("dataYaml", "data_yaml", "baseModel", "base_model", "task", "modelTask", "trainingTask"),
+        *("epochs", "batchSize", "imgSize", "learningRate", "optimizer", "device", "pretrained"),
+        *("augmentation", "trainer", "plots", "workers", "patience", "seed"),
+        *("fakeEpochSeconds", "fakeBatches", "fakeCrashAtEpoch"),
+        *AUGMENTATION_RANGES,
+    }
+)
+_MAX_IGNORED_NOTED = 20
+
+
+def _ignored_keys(cfg: Mapping[str, object]) -> list[str]:
+    """Notes for the keys that the agent does not act on; like the old script, they are no error."""
+    notes: list[str] = []
+    strategy = cfg.get("optimizationStrategy")
+    if strategy not in (None, "", "manual"):
+        notes.append(
+            f"optimizationStrategy={_short(strategy)!r} ignored: the run trains once with the values given"
+        )
+    unknown = [f"configuration.{k}" for k in cfg if k not in KNOWN_KEYS and k not in APP_KEYS]
+    return notes + _ignored("not a training setting", unknown)
+
+
+def _ignored(why: str, keys: list[str]) -> list[str]:
+    """One note per ignored key, bounded: a row with thousands of keys must not flood the log."""
+    notes = [f"{_short(key, 60)} ignored: {why}" for key in keys[:_MAX_IGNORED_NOTED]]
+    if len(keys) > _MAX_IGNORED_NOTED:
+        notes.append(f"{len(keys) - _MAX_IGNORED_NOTED} more keys ignored: {why}")
+    return notes

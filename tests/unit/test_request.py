@@ -61,7 +61,7 @@ def test_camel_case_keys_and_json_string_configuration() -> None:
         ({"device": "gpu7"}, "device"),
         ({"task": "classify"}, "task"),
         ({"augmentation": {"fliplr": 2}}, "augmentation.fliplr"),
-        ({"augmentation": {"blur": 0.1}}, "augmentation.blur"),
+        ({"augmentation": {"blur": 0.1, "mosaic": -1}}, "augmentation.mosaic"),
         ({"pretrained": "yes please"}, "pretrained"),
     ],
 )
