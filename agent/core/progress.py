@@ -37,10 +37,12 @@ class ProgressTracker:
     dirty: bool = False
     urgent: bool = False  # an epoch ended: write now, not at the next interval
     updated_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when the trainer reported its start (monotonic)
 
     def update(self, msg: TrainerMessage) -> None:
         self.updated_at = time.monotonic()
         if isinstance(msg, Started):
+            self.started_at = self.updated_at
             self.total_epochs = msg.total_epochs
             self.device = msg.device
             self.epochs_done = max(self.epochs_done, msg.start_epoch - 1)
@@ -61,15 +63,17 @@ class ProgressTracker:
             self.batch = self.batches
             self.percent = min(100.0, 100.0 * msg.epoch / max(1, msg.total_epochs))
             self.eta_seconds = msg.eta_seconds
-            self.metrics = dict(msg.metrics)
+            self.metrics = self._row(msg.metrics, msg.epoch)
             self.checkpoint = msg.checkpoint or self.checkpoint
             self.dirty = self.urgent = True
         elif isinstance(msg, Done):
             self.done = msg
+            # A finished training is all of its epochs for the app's progress bar, also when
+            # early stopping (patience) ended it before the last one.
+            self.epoch = self.epochs_done = max(self.epochs_done, self.total_epochs)
             self.percent = 100.0
             self.eta_seconds = 0.0
-            if msg.metrics:
-                self.metrics = {**self.metrics, **msg.metrics}
+            self.metrics = self._row({**self.metrics, **msg.metrics}, self.epoch)
             self.dirty = self.urgent = True
         elif isinstance(msg, Stopped):
             self.stopped = True
@@ -77,6 +81,12 @@ class ProgressTracker:
             self.error = msg.message
         else:
             assert_never(msg)
+
+    def _row(self, metrics: dict[str, float], epoch: int) -> dict[str, float]:
+        """The metrics row as the old script wrote it from results.csv: `epoch` = epochs completed
+        (the app's progress bar is metrics.epoch / configuration.epochs), `time` = seconds elapsed."""
+        start = self.started_at if self.started_at is not None else self.updated_at
+        return {**metrics, "epoch": epoch, "time": round(self.updated_at - start, 3)}
 
     def progress(self) -> dict[str, Any]:
         return {

@@ -278,7 +278,8 @@ def test_progress_tracker_percent_and_eta() -> None:
     assert t.percent == pytest.approx(37.5)
     assert t.progress()["eta"] == "01:02:05"
     t.update(EpochEnd(2, 4, {"metrics/mAP50(B)": 0.3}))
-    assert t.percent == 50.0 and t.urgent and t.metrics == {"metrics/mAP50(B)": 0.3}
+    assert t.percent == 50.0 and t.urgent and t.metrics["metrics/mAP50(B)"] == 0.3
+    assert t.metrics["epoch"] == 2 and t.metrics["time"] >= 0
     assert hhmmss(None) is None and hhmmss(59.6) == "00:01:00"
 
 
