@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +19,7 @@ from agent.core.pipeline import Deps, PipelineSettings
 from agent.core.workspaces import WorkspacePolicy
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
+from agent.hardware import detect_hardware
 
 if TYPE_CHECKING:
     from agent.backends.postgres.embedded import EmbeddedPostgres
@@ -110,16 +109,7 @@ async def detect_offline(settings: Settings) -> bool:
 
 def detect_gpus() -> tuple[str, ...]:
     """GPU names from nvidia-smi, without importing torch into the parent."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return ()
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
+    return detect_hardware().gpus
 
 
 def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Agent:
@@ -170,12 +160,16 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
             workspaces=WorkspacePolicy(settings.keep_failed_workspaces, settings.max_kept_workspaces),
         ),
     )
+    hardware = detect_hardware()
     worker = WorkerInfo(
         worker_id=settings.worker_id,
         host=socket.gethostname(),
         version=__version__,
-        gpus=detect_gpus(),
+        gpus=hardware.gpus,
         slots=settings.max_concurrent_runs,
+        gpu_memory_gb=hardware.gpu_memory_gb,
+        cpu_model=hardware.cpu_model,
+        ram_gb=hardware.ram_gb,
     )
     loop = LoopSettings(
         worker=worker,

@@ -12,6 +12,7 @@ from typing import Literal
 
 from loguru import logger
 
+from agent.core.inflight import interrupt_for
 from agent.core.pipeline import Deps, RunControl, drain_final_writes, execute
 from agent.core.supervisor import Supervisor
 from agent.domain.errors import BackendError, BackendUnavailable
@@ -204,8 +205,9 @@ class Agent:
     async def _handle(self, hint: Hint) -> None:
         control = self.runs.get(hint.run_id)
         if control is not None:
-            if hint.cancel_requested:
-                control.interrupt("cancel")
+            why = interrupt_for(hint, control.lease)
+            if why is not None:
+                control.interrupt(why)
             return
         unclaimed = hint.worker_id is None and hint.status in (None, RunStatus.QUEUED, RunStatus.RUNNING)
         if hint.cancel_requested and unclaimed:

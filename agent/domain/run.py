@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agent.domain.status import RunStatus, WorkerStatus
@@ -75,6 +76,14 @@ class Hint:
     cancel_requested: bool = False
     worker_id: str | None = None
     status: RunStatus | None = None
+    # The status as the event carried it, also one the agent does not know (the app's `stopped`).
+    raw_status: str | None = None
+    # The row's fencing token when the event carried it: tells an old event from a new claim's.
+    attempt: int | None = None
+
+    @property
+    def unknown_status(self) -> bool:
+        return self.status is None and self.raw_status is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +109,34 @@ class RescueReport:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
+    """This agent in `trainer_workers`; the web app shows the hardware fields in its worker popover."""
+
     worker_id: str
     host: str
     version: str
     gpus: tuple[str, ...] = ()
     slots: int = 1
+    gpu_memory_gb: float | None = None  # of the first GPU
+    cpu_model: str | None = None
+    ram_gb: float | None = None
+
+    @property
+    def device_type(self) -> Literal["gpu", "cpu"]:
+        """As the app's compute choice names it."""
+        return "gpu" if self.gpus else "cpu"
+
+    @property
+    def compute_type(self) -> Literal["cuda", "cpu"]:
+        return "cuda" if self.gpus else "cpu"
+
+    @property
+    def gpu_name(self) -> str | None:
+        """`NVIDIA H200`, or `2x NVIDIA H200` / a list for a host with several."""
+        if not self.gpus:
+            return None
+        if len(set(self.gpus)) == 1:
+            return self.gpus[0] if len(self.gpus) == 1 else f"{len(self.gpus)}x {self.gpus[0]}"
+        return ", ".join(self.gpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +185,47 @@ class NewRun:
     data_yaml: str | None
     base_model: str | None = None
     configuration: JsonDict = field(default_factory=dict)
+    # The app's schema requires a name; project and step link the run to the app's pages.
     run_name: str | None = None
     project_id: str | None = None
     step_id: str | None = None
+
+    def name_at(self, now: datetime) -> str:
+        """`run_name`, or one made from the dataset's name and the time, like `bolts_20260102-0304`."""
+        if self.run_name and self.run_name.strip():
+            return self.run_name.strip()
+        return f"{dataset_name(self.data_yaml)}_{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+_GENERIC_YAML = frozenset({"data", "dataset", "data.yaml", "dataset.yaml"})
+
+
+def dataset_name(data_yaml: str | None) -> str:
+    """A short name for a dataset reference: the file's stem, or its folder's for a `data.yaml`."""
+    parts = [p for p in re.split(r"[/\\]", (data_yaml or "").split("?", 1)[0]) if p]
+    stem = parts[-1].rsplit(".", 1)[0] if parts else ""
+    if stem.lower() in _GENERIC_YAML and len(parts) >= 2:
+        stem = parts[-2]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem.removeprefix("storage:")).strip("_.")[:40]
+    return stem or "run"
+
+
+def new_run_columns(run: NewRun, now: datetime | None = None) -> dict[str, str | None]:
+    """The columns a submit writes besides the request: name, project and step."""
+    return {
+        "run_name": run.name_at(now or datetime.now(UTC)),
+        "project_id": run.project_id or None,
+        "step_id": run.step_id or None,
+    }
+
+
+def hardware_columns(worker: WorkerInfo) -> dict[str, str | float | None]:
+    """The `trainer_workers` columns the web app's hardware popover reads."""
+    return {
+        "device_type": worker.device_type,
+        "compute_type": worker.compute_type,
+        "gpu_name": worker.gpu_name,
+        "gpu_memory_gb": worker.gpu_memory_gb,
+        "cpu_model": worker.cpu_model,
+        "ram_gb": worker.ram_gb,
+    }

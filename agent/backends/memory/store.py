@@ -33,6 +33,7 @@ from agent.domain.run import (
     WorkerInfo,
     WorkerState,
     json_safe,
+    new_run_columns,
 )
 from agent.domain.status import RunStatus, is_claimable
 
@@ -76,6 +77,9 @@ class Record:
     error_message: str | None = None
     trained_model_url: str | None = None
     results: object = None
+    run_name: str | None = None
+    project_id: str | None = None
+    step_id: str | None = None
 
     @property
     def claimable(self) -> bool:
@@ -96,6 +100,12 @@ class WorkerRecord:
     slots: int | None = None
     current_run: str | None = None
     current_runs: list[str] = field(default_factory=list)
+    device_type: str | None = None
+    compute_type: str | None = None
+    gpu_name: str | None = None
+    gpu_memory_gb: float | None = None
+    cpu_model: str | None = None
+    ram_gb: float | None = None
 
 
 @dataclass
@@ -197,6 +207,11 @@ class MemoryStore:
         """Update columns directly, as an SQL UPDATE would (attempt and notify rules apply)."""
         self._update(self.runs[run_id], **fields)
 
+    def delete_row(self, run_id: str) -> None:
+        """Delete a row, as the web app's delete button or its project-delete trigger does."""
+        rec = self.runs.pop(run_id)
+        self._notify(rec, "DELETE")
+
     @staticmethod
     def _check_field(name: str) -> None:
         if name not in {f.name for f in dataclasses.fields(Record)} or name in ("seq",):
@@ -224,6 +239,8 @@ class MemoryStore:
             cancel_requested=rec.cancel_requested is True,
             worker_id=rec.worker_id,
             status=status,
+            raw_status=rec.status,
+            attempt=rec.attempt,
         )
         for watcher in list(self._watchers):
             watcher(hint)
@@ -396,6 +413,12 @@ class MemoryStore:
             slots=worker.slots,
             current_run=state.current_runs[0] if state.current_runs else None,
             current_runs=list(state.current_runs),
+            device_type=worker.device_type,
+            compute_type=worker.compute_type,
+            gpu_name=worker.gpu_name,
+            gpu_memory_gb=worker.gpu_memory_gb,
+            cpu_model=worker.cpu_model,
+            ram_gb=worker.ram_gb,
         )
 
     async def submit(self, run: NewRun) -> str:
@@ -406,6 +429,7 @@ class MemoryStore:
             base_model=run.base_model,
             configuration=_as_jsonb(run.configuration),
             cancel_requested=False,
+            **new_run_columns(run, self.clock()),
         )
 
     async def request_cancel(self, run_id: str) -> bool:

@@ -36,6 +36,7 @@ def parse_notify(payload: str) -> Hint | None:
     except ValueError:
         status = None
     worker = data.get("worker_id")
+    raw_status, attempt = data.get("status"), data.get("attempt")
     return Hint(
         run_id=str(data["id"]),
         op=_OPS[data["op"]],
@@ -43,6 +44,8 @@ def parse_notify(payload: str) -> Hint | None:
         cancel_requested=data.get("cancel_requested") is True,
         worker_id=str(worker) if worker is not None else None,
         status=status,
+        raw_status=str(raw_status)[:64] if raw_status is not None else None,
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
     )
 
 

@@ -32,7 +32,9 @@ from agent.domain.run import (
     RunRow,
     WorkerInfo,
     WorkerState,
+    hardware_columns,
     json_safe,
+    new_run_columns,
 )
 from agent.domain.status import RunStatus
 
@@ -323,6 +325,7 @@ class PostgresStore:
                 "slots": worker.slots,
                 "current_run": state.current_runs[0] if state.current_runs else None,
                 "current_runs": Jsonb(list(state.current_runs)),
+                **hardware_columns(worker),
             },
         )
 
@@ -333,6 +336,7 @@ class PostgresStore:
                 "data_yaml": run.data_yaml,
                 "base_model": run.base_model,
                 "configuration": _jsonb(run.configuration),
+                **new_run_columns(run),
             },
         )
         if record is None:

@@ -127,6 +127,7 @@ def hint_from_change(payload: object) -> Hint | None:
         status = None
     worker = record.get("worker_id")
     cancel = record.get("cancel_requested")
+    attempt = record.get("attempt")
     return Hint(
         run_id=str(record["id"]),
         op=op,
@@ -140,6 +141,8 @@ def hint_from_change(payload: object) -> Hint | None:
         cancel_requested=cancel is True,
         worker_id=str(worker) if worker is not None else None,
         status=status,
+        raw_status=str(raw_status)[:64] if raw_status is not None else None,
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
     )
 
 
@@ -331,7 +334,12 @@ class SupabaseEvents:
         channel = client.channel(self._topic)
         if channel.is_joined or channel.is_joining:
             raise _Rebuild("client", "a previous channel of this topic is still attached")
-        for event in (RealtimePostgresChangesListenEvent.Insert, RealtimePostgresChangesListenEvent.Update):
+        # Deletes too: the owner of a deleted run stops its training at once.
+        for event in (
+            RealtimePostgresChangesListenEvent.Insert,
+            RealtimePostgresChangesListenEvent.Update,
+            RealtimePostgresChangesListenEvent.Delete,
+        ):
             channel.on_postgres_changes(event, self._on_change, table=self._table, schema=self._schema)
         channel.on_system(lambda payload: self._on_system(gen, payload))
         self._channel = channel

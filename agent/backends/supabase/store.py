@@ -46,7 +46,9 @@ from agent.domain.run import (
     RunRow,
     WorkerInfo,
     WorkerState,
+    hardware_columns,
     json_safe,
+    new_run_columns,
 )
 from agent.domain.status import CLAIMABLE_STATUSES, RunStatus, WorkerStatus
 
@@ -428,6 +430,7 @@ class SupabaseStore:
             "slots": worker.slots,
             "current_run": state.current_runs[0] if state.current_runs else None,
             "current_runs": list(state.current_runs),
+            **hardware_columns(worker),
         }
         await self._rows(
             self._client.table(WORKERS).upsert(row, on_conflict="worker_id", returning=ReturnMethod.minimal),
@@ -441,6 +444,7 @@ class SupabaseStore:
             "base_model": run.base_model,
             "configuration": json_safe(run.configuration),
             "cancel_requested": False,
+            **new_run_columns(run),
         }
         rows = await self._rows(self._runs().insert(row).select("id"), "submit")
         if not rows:
