@@ -7,8 +7,8 @@ import pytest
 
 from tests.pg import TestPostgres
 
-# The Supabase stand-in's `standin` fixture, for every test that needs it.
-pytest_plugins = ["tests.standin.fixtures"]
+# The Supabase stand-in's `standin` fixture, and databases with the web app's schema.
+pytest_plugins = ["tests.standin.fixtures", "tests.appschema.fixtures"]
 
 # Ultralytics must never reach for the network in tests, in this process or in children.
 os.environ.setdefault("YOLO_OFFLINE", "1")

@@ -114,6 +114,7 @@ def insert_run(
         {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 0.05} if configuration is None else configuration
     )
     payload = json.dumps(config)
+    cols.setdefault("run_name", "test run")  # required by the web app's schema
     with psycopg.connect(database_url) as conn:
         names = ["data_yaml", "configuration", *cols]
         values = [data_yaml, payload, *cols.values()]

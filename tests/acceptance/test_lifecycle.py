@@ -30,6 +30,12 @@ LONG = {"trainer": "fake", "epochs": 200, "fakeEpochSeconds": 0.2}
 
 
 @pytest.fixture
+def database_url(any_schema_database_url: str) -> str:
+    """Each lifecycle test runs on the agent's own schema and on the web app's."""
+    return any_schema_database_url
+
+
+@pytest.fixture
 def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
     started: list[AgentProc] = []
     yield started
@@ -321,7 +327,9 @@ def test_claim_race_eight_agents_two_hundred_runs_each_run_once(
     with psycopg.connect(database_url) as conn:
         for _ in range(200):
             conn.execute(
-                "insert into training_runs (data_yaml, configuration) values ('fake.yaml', %s)", (quick,)
+                "insert into training_runs (run_name, data_yaml, configuration)"
+                " values ('race', 'fake.yaml', %s)",
+                (quick,),
             )
 
     def finished() -> bool:
