@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ class Harness(Protocol):
         """Move the worker's last_seen `seconds` into the past."""
         ...
 
+    async def run_columns(self, run_id: str, *names: str) -> dict[str, Any]:
+        """Columns of a run that RunRow does not carry (run_name, project_id, step_id)."""
+        ...
+
+    async def delete_row(self, run_id: str) -> None:
+        """DELETE the run, as the web app's delete button does."""
+        ...
+
 
 @dataclass
 class MemoryHarness:
@@ -92,6 +101,13 @@ class MemoryHarness:
     async def age_worker(self, worker_id: str, seconds: float) -> None:
         self.store.workers[worker_id].last_seen -= timedelta(seconds=seconds)
 
+    async def run_columns(self, run_id: str, *names: str) -> dict[str, Any]:
+        rec = self.store.runs[run_id]
+        return {n: getattr(rec, n) for n in names}
+
+    async def delete_row(self, run_id: str) -> None:
+        self.store.delete_row(run_id)
+
 
 def _sql_value(name: str, value: Any) -> Any:
     return Jsonb(value) if name in ("configuration", "results") else value
@@ -103,6 +119,7 @@ class PostgresHarness:
     store: PostgresStore
     name: str = "postgres"
     _extra: list[PostgresStore] = field(default_factory=list)
+    app_schema: bool = False  # the web app's schema: every row needs a run_name
 
     async def another_store(self) -> Store:
         store = await PostgresStore.connect(self.url)
@@ -119,6 +136,8 @@ class PostgresHarness:
             return await cur.fetchall() if cur.description else []
 
     async def insert_row(self, **fields: Any) -> str:
+        if self.app_schema:
+            fields.setdefault("run_name", "contract run")
         names = list(fields)
         query = sql.SQL("insert into training_runs ({}) values ({}) returning id").format(
             sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(sql.Placeholder() * len(names))
@@ -152,6 +171,16 @@ class PostgresHarness:
             [float(seconds), worker_id],
         )
 
+    async def run_columns(self, run_id: str, *names: str) -> dict[str, Any]:
+        query = sql.SQL("select {} from training_runs where id = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        rows = await self._execute(query, [run_id])
+        return {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in rows[0].items()}
+
+    async def delete_row(self, run_id: str) -> None:
+        await self._execute("delete from training_runs where id = %s", [run_id])
+
     async def close(self) -> None:
         for store in (*self._extra, self.store):
             await store.close()
@@ -180,9 +209,21 @@ async def postgres_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
         await harness.close()
 
 
+@asynccontextmanager
+async def postgres_app_harness(fixtures: dict[str, Any]) -> AsyncIterator[Harness]:
+    url: str = fixtures["app_database_url"]
+    harness = PostgresHarness(url, await PostgresStore.connect(url), name="postgres-app", app_schema=True)
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
 STORES: dict[str, Factory[Harness]] = {
     "memory": Factory(memory_harness),
     "postgres": Factory(postgres_harness, ("database_url",)),
+    # The same backend on a database with the web app's own schema under the agent's.
+    "postgres-app": Factory(postgres_app_harness, ("app_database_url",)),
     "supabase": Factory(supabase_harness, ("database_url", "tmp_path")),
 }
 

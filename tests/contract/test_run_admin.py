@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from agent.domain.run import Canceled, NewRun
 from agent.domain.status import RunStatus
 from tests.contract.conftest import Harness, utc
@@ -72,3 +74,12 @@ async def test_request_cancel_flags_live_runs_only(backend: Harness) -> None:
     assert await backend.store.request_cancel(running) is False  # terminal now
     assert await backend.store.request_cancel("00000000-0000-0000-0000-000000000000") is False
     assert await backend.store.request_cancel("not-a-uuid") is False
+
+
+async def test_submit_writes_the_name_project_and_step_the_app_shows(backend: Harness) -> None:
+    named = await backend.store.submit(NewRun("/data/bolts/data.yaml", run_name="Inspect_bolt_v2"))
+    unnamed = await backend.store.submit(NewRun("storage:datasets/p1/s1/bolts.yaml"))
+    row = await backend.run_columns(named, "run_name", "project_id", "step_id")
+    assert row == {"run_name": "Inspect_bolt_v2", "project_id": None, "step_id": None}
+    name = (await backend.run_columns(unnamed, "run_name"))["run_name"]
+    assert re.fullmatch(r"bolts_\d{8}-\d{6}", name), name

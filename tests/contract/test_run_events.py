@@ -73,3 +73,20 @@ async def test_a_failing_sink_does_not_stop_the_stream(backend: Harness) -> None
         second = await backend.store.submit(NEW)
         await wait_for(lambda: listener.for_run(second), what="second hint")
         assert listener.events.healthy
+
+
+async def test_hints_carry_the_attempt_the_raw_status_and_deletes(backend: Harness) -> None:
+    run_id = await backend.store.submit(NEW)
+    claim = await backend.store.claim(run_id, "w1")
+    assert claim is not None
+    async with listening(backend.events()) as listener:
+        # The web app's `stopped`, then its delete button.
+        await backend.set_fields(run_id, status="stopped")
+        await wait_for(lambda: listener.for_run(run_id), what="stopped hint")
+        await backend.delete_row(run_id)
+        hints = await wait_for(lambda: len(listener.for_run(run_id)) >= 2 and listener.for_run(run_id))
+    stopped, deleted = hints
+    assert (stopped.op, stopped.status, stopped.raw_status) == ("UPDATE", None, "stopped")
+    assert stopped.unknown_status and stopped.attempt == claim.lease.attempt == 1
+    assert stopped.worker_id == "w1"
+    assert (deleted.op, deleted.run_id, deleted.claimable) == ("DELETE", run_id, False)

@@ -371,3 +371,32 @@ async def test_rescue_marks_workers_that_stopped_heartbeating_offline(backend: H
     assert live is not None and live["status"] == "busy" and live["current_run"] == "r-live"
     # Already offline with no run: left alone, not reported again.
     assert (await backend.store.rescue_stale(stale_after_s=120, max_attempts=3)).offline_workers == ()
+
+
+async def test_register_worker_writes_the_hardware_the_app_shows(backend: Harness) -> None:
+    gpu = WorkerInfo(
+        "gpu-2",
+        "host-b",
+        "0.1.0",
+        gpus=("NVIDIA H200",) * 2,
+        gpu_memory_gb=139.8,
+        cpu_model="EPYC",
+        ram_gb=128.0,
+    )
+    await backend.store.register_worker(gpu, WorkerState(WorkerStatus.ONLINE))
+    row = await backend.worker_row("gpu-2")
+    assert row is not None
+    assert (row["device_type"], row["compute_type"], row["gpu_name"]) == ("gpu", "cuda", "2x NVIDIA H200")
+    assert (row["gpu_memory_gb"], row["cpu_model"], row["ram_gb"]) == (139.8, "EPYC", 128.0)
+
+    await backend.store.register_worker(
+        WorkerInfo("cpu-1", "host-c", "0.1.0"), WorkerState(WorkerStatus.ONLINE)
+    )
+    row = await backend.worker_row("cpu-1")
+    assert row is not None
+    assert (row["device_type"], row["compute_type"], row["gpu_name"], row["gpu_memory_gb"]) == (
+        "cpu",
+        "cpu",
+        None,
+        None,
+    )

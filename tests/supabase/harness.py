@@ -115,6 +115,13 @@ class SupabaseHarness:
     async def age_worker(self, worker_id: str, seconds: float) -> None:
         await self._sql().age_worker(worker_id, seconds)
 
+    async def run_columns(self, run_id: str, *names: str) -> dict[str, Any]:
+        columns: dict[str, Any] = await self._sql().run_columns(run_id, *names)
+        return columns
+
+    async def delete_row(self, run_id: str) -> None:
+        await self._sql().delete_row(run_id)
+
     async def close(self) -> None:
         for close in reversed(self._closers):
             await close()
