@@ -138,6 +138,9 @@ class PostgresHarness:
     async def insert_row(self, **fields: Any) -> str:
         if self.app_schema:
             fields.setdefault("run_name", "contract run")
+            # Its cancel_requested is `not null default false`: a legacy null cannot exist there.
+            if "cancel_requested" in fields and fields["cancel_requested"] is None:
+                del fields["cancel_requested"]
         names = list(fields)
         query = sql.SQL("insert into training_runs ({}) values ({}) returning id").format(
             sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(sql.Placeholder() * len(names))
