@@ -83,8 +83,8 @@ class ProgressTracker:
             assert_never(msg)
 
     def _row(self, metrics: dict[str, float], epoch: int) -> dict[str, float]:
-        """The metrics row as the old script wrote it from results.csv: `epoch` = epochs completed
-        (the app's progress bar is metrics.epoch / configuration.epochs), `time` = seconds elapsed."""
+        """The metrics row plus `epoch` (epochs done) and `time` (seconds), as the old script wrote it."""
+        # The web app draws its progress bar as metrics.epoch / configuration.epochs.
         start = self.started_at if self.started_at is not None else self.updated_at
         return {**metrics, "epoch": epoch, "time": round(self.updated_at - start, 3)}
 
