@@ -225,6 +225,60 @@ async def test_the_cancel_button_stops_a_real_training_within_about_a_second(
     assert final["error_message"] == "Canceled by user." and final["canceled_at"] is not None
 
 
+@pytest.fixture
+def quiet_agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
+    """No write to a run for 30 s once it trains: only an event can stop it sooner."""
+    env = agent_env(
+        project,
+        tmp_path / "quiet",
+        "gpu-8",
+        POLL_INTERVAL="600",
+        HEARTBEAT_INTERVAL="30",
+        PROGRESS_INTERVAL="30",
+        STALE_AFTER="300",
+    )
+    proc = AgentProc(env, tmp_path / "quiet.log").start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
+    app: AsyncClient, quiet_agent: AgentProc
+) -> None:
+    agent = quiet_agent
+    await wait_agent_ready(agent)
+    config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 120, "fakeBatches": 1200}
+    inserted = (
+        await app.table("training_runs")
+        .insert({"run_name": "to be deleted", "data_yaml": "fake.yaml", "configuration": config})
+        .execute()
+    )
+    run_id = inserted.data[0]["id"]
+    started = await wait_for(
+        lambda: [r for r in agent.logged("trainer started") if r.get("run_id") == run_id],
+        timeout=20,
+        what="trainer started",
+    )
+    pid = int(started[0]["pid"])
+
+    async def trainer_start_written() -> bool:
+        return bool(((await row(app, run_id))["results"] or {}).get("progress"))
+
+    # The trainer's start is written at once; after it, nothing for 30 s.
+    await wait_for(trainer_start_written, timeout=20, what="trainer start written")
+    # TrainingConfiguration.jsx's delete button: only the Realtime DELETE event can stop the
+    # trainer this soon.
+    await app.table("training_runs").delete().eq("id", run_id).execute()
+    deleted = time.monotonic()
+    await wait_for(lambda: not pid_alive(pid), timeout=10, interval=0.01, what="trainer gone")
+    assert time.monotonic() - deleted < 3.0
+    await asyncio.to_thread(
+        agent.wait_logged, "lease lost (run taken away or deleted): dropped without a final write"
+    )
+
+
 async def test_claim_race_eight_agents_two_hundred_runs_on_supabase(
     project: Project, database_url: str, tmp_path: Path, app: AsyncClient
 ) -> None:
