@@ -7,8 +7,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from agent.domain.run import NewRun, WorkerInfo, dataset_name
-from agent.hardware import parse_cpuinfo, parse_meminfo, parse_nvidia_smi
+from agent.hardware import detect_hardware, parse_cpuinfo, parse_meminfo, parse_nvidia_smi
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,3 +54,23 @@ def test_a_run_without_a_name_is_named_after_its_dataset_and_time() -> None:
     assert NewRun(None).name_at(now) == "run_20260102-030405"
     assert dataset_name("https://h/storage/v1/object/sign/datasets/p/s/data.yaml?token=t") == "s"
     assert dataset_name("storage:datasets/weird name!.yml") == "weird_name"
+
+
+def fake_nvidia_smi(folder: Path, script: str) -> None:
+    """An executable named nvidia-smi that answers as the real one does (no GPU on test hosts)."""
+    exe = folder / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\n{script}\n")
+    exe.chmod(0o755)
+
+
+def test_gpus_from_an_nvidia_smi_on_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_nvidia_smi(tmp_path, 'echo "NVIDIA H200, 143771"; echo "NVIDIA H200, 143771"')
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    hw = detect_hardware()
+    assert (hw.gpus, hw.gpu_memory_gb) == (("NVIDIA H200", "NVIDIA H200"), 140.4)
+    info = WorkerInfo("w", "h", "1", gpus=hw.gpus, gpu_memory_gb=hw.gpu_memory_gb)
+    assert (info.device_type, info.gpu_name) == ("gpu", "2x NVIDIA H200")
+
+    # A broken driver prints its complaint on stdout and fails: no GPU, not a GPU named after it.
+    fake_nvidia_smi(tmp_path, 'echo "NVIDIA-SMI has failed because it couldn\'t communicate"; exit 9')
+    assert detect_hardware().gpus == ()
