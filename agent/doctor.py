@@ -118,7 +118,10 @@ RUN_COLUMNS = _words(
     "id status data_yaml base_model configuration cancel_requested worker_id attempt created_at "
     "started_at heartbeat_at completed_at canceled_at error_message trained_model_url results"
 )
-WORKER_COLUMNS = _words("worker_id status last_seen host gpus version slots current_run current_runs")
+WORKER_COLUMNS = _words(
+    "worker_id status last_seen host gpus version slots current_run current_runs "
+    "device_type compute_type gpu_name gpu_memory_gb cpu_model ram_gb"
+)
 TABLES = {"training_runs": RUN_COLUMNS, "trainer_workers": WORKER_COLUMNS}
 # What the agent's SQL (agent/backends/postgres/sql) and PostgREST calls read and write.
 GRANTS = (
@@ -138,7 +141,7 @@ GRANTS = (
     Grant(
         "training_runs",
         "INSERT",
-        ("status", "data_yaml", "base_model", "configuration", "cancel_requested"),
+        _words("status data_yaml base_model configuration cancel_requested run_name project_id step_id"),
         "admin",
     ),
     Grant("training_runs", "UPDATE", ("cancel_requested",), "admin"),
