@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from tests.standin.auth import DEFAULT_JWT_SECRET
+from tests.standin.fixtures import start_project
 from tests.standin.server import StandIn
 
 
@@ -25,15 +26,35 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--publish", action="append", default=[], metavar="TABLE", help="add a table to supabase_realtime"
     )
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="do not apply the saturnos-agent migration (a project with nothing granted or published)",
+    )
+    parser.add_argument(
+        "--max-events-per-second",
+        type=float,
+        default=None,
+        help="Realtime's event quota (100 Free, 500 Pro, 2500 Team; default: count without a limit)",
+    )
+    parser.add_argument("--private-only", action="store_true", help="refuse joins of public channels")
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     storage_dir = args.storage_dir or Path(tempfile.mkdtemp(prefix="standin-storage-"))
-    server = StandIn(
-        args.database_url, storage_dir, jwt_secret=args.jwt_secret, host=args.host, port=args.port
-    )
-    await server.start()
+    options = {
+        "jwt_secret": args.jwt_secret,
+        "host": args.host,
+        "port": args.port,
+        "max_events_per_second": args.max_events_per_second,
+        "private_only": args.private_only,
+    }
+    if args.bare:
+        server = StandIn(args.database_url, storage_dir, **options)
+        await server.start()
+    else:
+        server = await start_project(args.database_url, storage_dir, **options)
     if args.publish:
         await server.publish(*args.publish)
     stop = asyncio.Event()

@@ -34,8 +34,24 @@ class Change:
     has_pk: bool
     commit_timestamp: datetime
     columns: list[dict[str, str]] = field(default_factory=list)
+    primary_key: list[str] = field(default_factory=list)
 
-    def data(self, select: list[str] | None = None) -> dict[str, Any]:
+    def unauthorized(self) -> dict[str, Any]:
+        """The `data` apply_rls sends a subscriber whose role may not select the primary key."""
+        data: dict[str, Any] = {
+            "columns": [],
+            "commit_timestamp": None,
+            "errors": ["Error 401: Unauthorized"],
+            "schema": self.schema,
+            "table": self.table,
+            "type": self.type,
+            "record": {},
+        }
+        if self.type == "UPDATE":
+            data["old_record"] = {}
+        return data
+
+    def data(self, select: list[str] | None = None, *, keys_only_old: bool = False) -> dict[str, Any]:
         """The `data` of a `postgres_changes` push, as Realtime's apply_rls builds it."""
         if not self.has_pk and self.type != "DELETE":
             # Realtime refuses to describe rows it cannot identify: it sends only the error.
@@ -52,6 +68,9 @@ class Change:
                 data["old_record"] = {}
             return data
         record, old_record = self.record, self.old_record
+        if keys_only_old and self.type == "DELETE" and old_record is not None:
+            # With row level security a deleted row cannot be checked: apply_rls sends its key only.
+            old_record = {k: v for k, v in old_record.items() if k in self.primary_key}
         columns = self.columns
         if select is not None:
             record = _project(record, select)
@@ -177,22 +196,25 @@ class ChangeFeed:
                        jsonb_agg(jsonb_build_object('name', a.attname, 'type', t.typname) order by a.attnum),
                        exists (select 1 from pg_publication_tables pt
                                where pt.pubname = %s and pt.schemaname = n.nspname
-                                 and pt.tablename = c.relname)
+                                 and pt.tablename = c.relname),
+                       coalesce((select array_agg(k.attname::text) from pg_index i
+                                 join pg_attribute k on k.attrelid = i.indrelid and k.attnum = any(i.indkey)
+                                 where i.indrelid = c.oid and i.indisprimary), '{}')
                 from pg_class c
                 join pg_namespace n on n.oid = c.relnamespace
                 join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
                 join pg_type t on t.oid = a.atttypid
                 where (n.nspname, c.relname) in (select * from unnest(%s::text[], %s::text[]))
-                group by n.nspname, c.relname
+                group by n.nspname, c.relname, c.oid
                 """,
                 [PUBLICATION, [t[0] for t in tables], [t[1] for t in tables]],
             )
-            info: dict[tuple[str, str], tuple[list[dict[str, str]], bool]] = {
-                (str(r[0]), str(r[1])): (list(r[2]), bool(r[3])) for r in await cur.fetchall()
+            info: dict[tuple[str, str], tuple[list[dict[str, str]], bool, list[str]]] = {
+                (str(r[0]), str(r[1])): (list(r[2]), bool(r[3]), list(r[4])) for r in await cur.fetchall()
             }
         changes = []
         for change_id, schema, table, type_, record, old_record, has_pk, ts in rows:
-            columns, published = info.get((str(schema), str(table)), ([], False))
+            columns, published, primary_key = info.get((str(schema), str(table)), ([], False, []))
             if not published:
                 continue  # left the publication: Realtime no longer decodes its changes
             bytea = {c["name"] for c in columns if c["type"] == "bytea"}
@@ -207,6 +229,7 @@ class ChangeFeed:
                     has_pk=bool(has_pk),
                     commit_timestamp=ts,
                     columns=columns,
+                    primary_key=primary_key,
                 )
             )
         return changes

@@ -38,15 +38,12 @@ end
 $$;
 """
 
-# What Supabase grants the API roles on the public schema, for tables there now and later.
+# What a Supabase project grants the API roles today: the schema, and nothing in it. Since the
+# 2026 change (new projects from 2026-05-30, every project from 2026-10-30) tables created in
+# `public` are not granted to anon, authenticated or service_role: a migration grants what it needs.
+# Functions stay executable by PUBLIC, as Postgres makes them.
 _GRANTS_SQL = """
 grant usage on schema public to anon, authenticated, service_role;
-grant all on all tables in schema public to anon, authenticated, service_role;
-grant all on all sequences in schema public to anon, authenticated, service_role;
-grant all on all routines in schema public to anon, authenticated, service_role;
-alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
-alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
-alter default privileges in schema public grant all on routines to anon, authenticated, service_role;
 """
 
 _EVENT_TRIGGER_SQL = """

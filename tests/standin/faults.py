@@ -26,6 +26,7 @@ class Faults:
         # Wired by the server: the switches that act on live connections and the listening socket.
         self._drop_websockets: Callable[[], int] = lambda: 0
         self._close_channels: Callable[[], int] = lambda: 0
+        self._drop_subscriptions: Callable[[], int] = lambda: 0
         self._set_listening: Callable[[bool], Awaitable[None]] | None = None
 
     # Realtime ---------------------------------------------------------------------------------
@@ -46,6 +47,14 @@ class Faults:
     def close_channels(self) -> int:
         """Shut every joined channel down from the server (system error + phx_close); sockets stay open."""
         return self._close_channels()
+
+    def drop_subscriptions(self) -> int:
+        """Forget every channel's Postgres subscriptions, silently (a cold restart of the change capture).
+
+        Sockets and channels stay up and heartbeats are answered; no change reaches any channel until
+        it joins again. Returns how many subscriptions were dropped.
+        """
+        return self._drop_subscriptions()
 
     def stall_realtime(self, seconds: float) -> None:
         """Hold every outgoing realtime frame for `seconds` from now; they are sent, in order, after."""

@@ -13,17 +13,21 @@ from typing import Any
 
 import psycopg
 from aiohttp import WSCloseCode, WSMsgType, web
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from tests.standin.auth import TokenError, verify
 from tests.standin.changes import Change
 from tests.standin.db import PUBLICATION, Pool
 from tests.standin.faults import Faults
-from tests.standin.realtime_params import Binding, parse_binding
+from tests.standin.quota import EventQuota
+from tests.standin.realtime_params import Binding, Filter, parse_binding
 
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 60.0  # Phoenix closes a websocket that sends nothing (not even a heartbeat) this long
+PRIVATE_ONLY = "PrivateOnly: This project only allows private channels"
+UNAUTHORIZED = "Error 401: Unauthorized"
 
 
 @dataclass
@@ -68,9 +72,12 @@ class SubscribeError(Exception):
 class Channel:
     """One joined `realtime:<name>` topic on one socket."""
 
-    def __init__(self, conn: Connection, topic: str, join_ref: str | None, config: dict[str, Any]) -> None:
+    def __init__(
+        self, conn: Connection, topic: str, join_ref: str | None, config: dict[str, Any], role: str
+    ) -> None:
         self.conn = conn
         self.topic = topic
+        self.role = role  # the subscriber's role: what apply_rls checks its changes against
         self.name = topic.removeprefix("realtime:")
         self.join_ref = join_ref
         broadcast = _object(config.get("broadcast"))
@@ -85,6 +92,10 @@ class Channel:
 
     def push(self, event: str, payload: Any, ref: str | None = None) -> None:
         self.conn.push(Frame(self.topic, event, payload, ref, self.join_ref))
+
+    def fastlane(self, event: str, payload: Any) -> None:
+        """A push from outside the channel process (changes, broadcasts): no join ref, no ref."""
+        self.conn.push(Frame(self.topic, event, payload))
 
     def push_system(self, extension: str, status: str, message: str) -> None:
         self.push(
@@ -164,7 +175,14 @@ class Realtime:
     """The `/realtime/v1/websocket` endpoint and the delivery of captured changes to its channels."""
 
     def __init__(
-        self, pool: Pool, faults: Faults, jwt_secret: str, sync_triggers: Callable[[], Awaitable[None]]
+        self,
+        pool: Pool,
+        faults: Faults,
+        jwt_secret: str,
+        sync_triggers: Callable[[], Awaitable[None]],
+        *,
+        quota: EventQuota | None = None,
+        private_only: bool = False,
     ) -> None:
         self._pool = pool
         self._faults = faults
@@ -172,6 +190,10 @@ class Realtime:
         self._sync_triggers = sync_triggers
         self._connections: set[Connection] = set()
         self.joins = 0  # joins answered ok, over the server's life
+        self.quota = quota or EventQuota()
+        self.private_only = private_only  # the project's "allow public access to channels" turned off
+        self._shadow: list[tuple[Binding, int]] = []
+        faults._drop_subscriptions = self.drop_subscriptions
 
     @property
     def connections(self) -> int:
@@ -184,6 +206,30 @@ class Realtime:
             channel.push_system("system", "error", message)
             self._close_channel(channel)
         return len(channels)
+
+    def drop_subscriptions(self) -> int:
+        """Forget every channel's subscriptions, as a cold restart of the change capture does.
+
+        Channels stay joined and nobody is told; nothing is delivered until a channel joins again.
+        """
+        dropped = 0
+        for conn in list(self._connections):
+            for channel in conn.channels.values():
+                for binding in channel.bindings:
+                    dropped += binding.active
+                    binding.active = False
+        return dropped
+
+    def add_shadow(self, params: list[dict[str, Any]], copies: int = 1) -> None:
+        """Bindings counted (into `quota.shadow_counted`) as if `copies` subscribers had them, never sent.
+
+        A benchmark compares the counts of the bindings it runs with those of other bindings on the
+        same changes. Shadow bindings are matched on schema, table and event only, as unfiltered.
+        """
+        for p in params:
+            binding = parse_binding(p)
+            if binding.error is None:
+                self._shadow.append((binding, copies))
 
     def drop_all(self) -> int:
         conns = list(self._connections)
@@ -269,12 +315,21 @@ class Realtime:
         payload = frame.payload if isinstance(frame.payload, dict) else {}
         token = payload.get("access_token") or payload.get("user_token") or conn.token
         try:
-            verify(token if isinstance(token, str) else None, self._secret)
+            claims = verify(token if isinstance(token, str) else None, self._secret)
         except TokenError as exc:
             conn.reply(frame, "error", {"reason": f"Unauthorized: {exc.message}"})
             return
         config = _object(payload.get("config"))
-        channel = Channel(conn, topic, frame.join_ref or frame.ref, config)
+        role = str(claims.get("role") or "anon")
+        if config.get("private") is not True and self.private_only:
+            conn.reply(frame, "error", {"reason": PRIVATE_ONLY})
+            return
+        if config.get("private") is True and role != "service_role":
+            # Private channels are authorized by policies on realtime.messages; the stand-in has none.
+            reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {topic}"
+            conn.reply(frame, "error", {"reason": reason})
+            return
+        channel = Channel(conn, topic, frame.join_ref or frame.ref, config, role)
         conn.channels[topic] = channel
         self.joins += 1
         conn.reply(frame, "ok", {"postgres_changes": [{**b.params, "id": b.id} for b in channel.bindings]})
@@ -307,7 +362,7 @@ class Realtime:
             other = conn.channels.get(channel.topic)
             if other is None or (other is channel and not channel.broadcast_self):
                 continue
-            other.push("broadcast", frame.payload)
+            other.fastlane("broadcast", frame.payload)
         if channel.broadcast_ack:
             channel.conn.reply(frame, "ok", {})
 
@@ -380,41 +435,158 @@ class Realtime:
         return resolved
 
     async def deliver(self, changes: list[Change]) -> None:
-        """Push each change, in order, to every channel with bindings that want it."""
+        """Push each change, in order, to every channel with bindings that want it, within the quota."""
+        access = _Access(self._pool)
         for change in changes:
+            for binding, copies in self._shadow:
+                wanted = binding.event in ("*", change.type)
+                if wanted and (change.schema, change.table) in _entities(binding):
+                    self.quota.shadow_counted += copies
+            if self.quota.triggered:
+                self.quota.skip()
+                continue
             for conn in list(self._connections):
                 for channel in list(conn.channels.values()):
-                    await self._deliver_to(channel, change)
+                    await self._deliver_to(channel, change, access)
 
-    async def _deliver_to(self, channel: Channel, change: Change) -> None:
+    async def _deliver_to(self, channel: Channel, change: Change, access: _Access) -> None:
         groups: dict[tuple[str, ...] | None, list[int]] = {}
         for binding in channel.bindings:
             if not binding.wants(change.id, change.schema, change.table, change.type):
                 continue
-            # Realtime filters on the new row; deletes carry none and pass every filter.
-            if binding.filters and change.type != "DELETE" and not await self._passes(binding, change):
+            if binding.filters and not await self._passes(binding, change):
                 continue
             ids = groups.setdefault(tuple(binding.select) if binding.select else None, [])
             if binding.id not in ids:
                 ids.append(binding.id)
+        if not groups:
+            return
+        rights = await access.rights(channel.role, change.schema, change.table)
+        if change.type != "DELETE" and change.has_pk and not rights.select_pk:
+            ids = [i for group in groups.values() for i in group]
+            self.quota.add(len(ids))
+            channel.fastlane("postgres_changes", {"ids": ids, "data": change.unauthorized()})
+            return
+        visible_or_unchecked = not (rights.row_security and change.type != "DELETE" and change.has_pk)
+        if not visible_or_unchecked and not await access.visible(channel.role, change):
+            return
         for select, ids in groups.items():
-            data = change.data(list(select) if select else None)
-            channel.push("postgres_changes", {"ids": ids, "data": data})
+            data = change.data(list(select) if select else None, keys_only_old=rights.row_security)
+            self.quota.add(len(ids))
+            channel.fastlane("postgres_changes", {"ids": ids, "data": data})
 
     async def _passes(self, binding: Binding, change: Change) -> bool:
+        # Realtime checks an INSERT or UPDATE against the new row, a DELETE against the old row's
+        # identity (the primary key by default): a filter on a column that is not there fails closed.
+        row = change.old_record if change.type == "DELETE" else change.record
+        if row is None:
+            return False
+        if any(f.column not in row for f in binding.filters):
+            return False
+        quick = _quick_match(binding.filters, row, change.columns)
+        if quick is not None:
+            return quick
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "select standin.filters_match(format('%%I.%%I', %s::text, %s::text)::regclass, %s, %s)",
-                [
-                    change.schema,
-                    change.table,
-                    Jsonb(change.record),
-                    Jsonb([f.as_row() for f in binding.filters]),
-                ],
+                [change.schema, change.table, Jsonb(row), Jsonb([f.as_row() for f in binding.filters])],
             )
-            row = await cur.fetchone()
+            result = await cur.fetchone()
             await conn.rollback()
+        return bool(result and result[0])
+
+
+@dataclass(frozen=True)
+class _Rights:
+    select_pk: bool  # the role may select every primary key column (else: Error 401)
+    row_security: bool  # row level security applies to the role on this table
+
+
+class _Access:
+    """What apply_rls asks of the database for one batch: a role's rights, a row's visibility."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._rights: dict[tuple[str, str, str], _Rights] = {}
+
+    async def rights(self, role: str, schema: str, table: str) -> _Rights:
+        key = (role, schema, table)
+        if key not in self._rights:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    """
+                    select coalesce(bool_and(has_column_privilege(%s, c.oid, a.attname, 'SELECT')), true),
+                           c.relrowsecurity and not coalesce((select rolbypassrls from pg_roles
+                                                              where rolname = %s), false)
+                    from pg_class c
+                    join pg_namespace n on n.oid = c.relnamespace
+                    left join pg_index i on i.indrelid = c.oid and i.indisprimary
+                    left join pg_attribute a on a.attrelid = c.oid and a.attnum = any(i.indkey)
+                    where n.nspname = %s and c.relname = %s
+                    group by c.oid, c.relrowsecurity
+                    """,
+                    [role, role, schema, table],
+                )
+                row = await cur.fetchone()
+                await conn.rollback()
+            self._rights[key] = _Rights(bool(row and row[0]), bool(row and row[1]))
+        return self._rights[key]
+
+    async def visible(self, role: str, change: Change) -> bool:
+        """Whether the role sees the changed row through its policies, as walrus_rls_stmt asks."""
+        record = change.record or {}
+        keys = [c for c in change.primary_key if c in record]
+        if not keys:
+            return False
+        query = sql.SQL("select exists (select 1 from {} where {})").format(
+            sql.Identifier(change.schema, change.table),
+            sql.SQL(" and ").join(sql.SQL("{}::text = %s").format(sql.Identifier(k)) for k in keys),
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("select set_config('role', %s, true)", [role])
+            await conn.execute(
+                "select set_config('request.jwt.claims', %s, true)", [json.dumps({"role": role})]
+            )
+            try:
+                cur = await conn.execute(query, [str(record[k]) for k in keys])
+                row = await cur.fetchone()
+            except psycopg.Error:
+                return False
         return bool(row and row[0])
+
+
+def _entities(binding: Binding) -> set[tuple[str, str]] | tuple[tuple[str, str], ...]:
+    return binding.entities or ((binding.schema, binding.table),)
+
+
+_TRUE = frozenset({"t", "true", "y", "yes", "on", "1"})
+_FALSE = frozenset({"f", "false", "n", "no", "off", "0"})
+
+
+def _quick_match(filters: list[Filter], row: dict[str, Any], columns: list[dict[str, str]]) -> bool | None:
+    """`eq`/`neq` on text, uuid and boolean columns, decided here as Postgres would; None: ask it."""
+    types = {c["name"]: c["type"] for c in columns}
+    for f in filters:
+        kind, value = types.get(f.column), row.get(f.column)
+        if f.op not in ("eq", "neq") or kind not in ("text", "varchar", "uuid", "bool"):
+            return None
+        if value is None:
+            equal = None
+        elif kind == "bool":
+            wanted = f.value.strip().lower()
+            if wanted not in _TRUE | _FALSE or not isinstance(value, bool):
+                return None
+            equal = value is (wanted in _TRUE)
+        elif kind == "uuid":
+            equal = str(value).replace("-", "").lower() == f.value.strip().replace("-", "").lower()
+        else:
+            equal = str(value) == f.value
+        result = None if equal is None else (equal if f.op == "eq" else not equal)
+        if f.negate and result is not None:
+            result = not result
+        if not result:
+            return False
+    return True
 
 
 def _object(value: Any) -> dict[str, Any]:

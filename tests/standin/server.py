@@ -15,6 +15,7 @@ from tests.standin.auth import DEFAULT_JWT_SECRET, api_key
 from tests.standin.changes import ChangeFeed
 from tests.standin.db import PUBLICATION, Capabilities, Pool, prepare_database
 from tests.standin.faults import Faults, Service
+from tests.standin.quota import EventQuota
 from tests.standin.realtime import Realtime
 from tests.standin.rest import Rest
 from tests.standin.storage import MAX_UPLOAD_BYTES, Storage
@@ -44,6 +45,10 @@ class StandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         schemas: tuple[str, ...] = ("public",),
+        max_events_per_second: float | None = None,
+        quota_tick: float = 1.0,
+        quota_window: int = 10,
+        private_only: bool = False,
     ) -> None:
         self.database_url = database_url
         self.storage_dir = Path(storage_dir)
@@ -57,7 +62,14 @@ class StandIn:
         self._port = port
         self._schemas = schemas
         self._pool = Pool(database_url)
-        self.realtime = Realtime(self._pool, self.faults, jwt_secret, self.sync_triggers)
+        self.realtime = Realtime(
+            self._pool,
+            self.faults,
+            jwt_secret,
+            self.sync_triggers,
+            quota=EventQuota(max_events_per_second, tick=quota_tick, window=quota_window),
+            private_only=private_only,
+        )
         self._feed: ChangeFeed | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None

@@ -19,7 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_cli_serves_until_terminated(pg_server: pg.TestPostgres, tmp_path: Path) -> None:
     url = pg_server.empty_database()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.standin", "--database-url", url, "--storage-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "tests.standin",
+            "--bare",
+            "--database-url",
+            url,
+            "--storage-dir",
+            str(tmp_path),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -21,6 +21,7 @@ from agent.backends.supabase.transport import http_client
 from agent.config import Settings
 from agent.ports import BlobStore
 from tests.standin import StandIn
+from tests.standin.fixtures import running_project
 
 # Fast supervisor timings, so that outages and recoveries fit in a test.
 FAST = Tuning(
@@ -53,13 +54,8 @@ def settings_for(server: StandIn, data_dir: Path, **overrides: Any) -> Settings:
 @asynccontextmanager
 async def running_standin(database_url: str, storage_dir: Path) -> AsyncIterator[StandIn]:
     """The stand-in as the `standin` fixture starts it, for factories that get only sync fixtures."""
-    server = StandIn(database_url, storage_dir)
-    await server.start()
-    await server.publish("public.training_runs")
-    try:
+    async with running_project(database_url, storage_dir) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 class SupabaseHarness:

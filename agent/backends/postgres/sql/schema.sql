@@ -144,14 +144,55 @@ create trigger saturnos_training_runs_notify_delete
     after delete on public.training_runs
     for each row execute function public.saturnos_training_runs_notify();
 
--- On Supabase, Realtime delivers changes of the tables in this publication.
+-- On Supabase, Realtime delivers changes of the tables in this publication: training_runs for
+-- the agents' hints, trainer_workers for each agent's echo of its own registry write (the proof
+-- that its stream is alive while it has no run).
 do $$
+declare
+    t text;
 begin
-    if exists (select 1 from pg_publication where pubname = 'supabase_realtime')
-       and not exists (select 1 from pg_publication_tables
-                       where pubname = 'supabase_realtime'
-                         and schemaname = 'public' and tablename = 'training_runs') then
-        alter publication supabase_realtime add table public.training_runs;
+    if exists (select 1 from pg_publication where pubname = 'supabase_realtime') then
+        foreach t in array array['training_runs', 'trainer_workers'] loop
+            if not exists (select 1 from pg_publication_tables
+                           where pubname = 'supabase_realtime'
+                             and schemaname = 'public' and tablename = t) then
+                execute format('alter publication supabase_realtime add table public.%I', t);
+            end if;
+        end loop;
     end if;
+end
+$$;
+
+-- Grants and row level security, for Supabase (where the API roles exist). New tables in `public`
+-- are no longer granted to the API roles by default, so the agent's role gets what it uses, by
+-- name. `anon` and `authenticated` get what the SaturnOS app's own tables always gave them (its
+-- "anon all" policies): never more. A table without row level security and without any policy
+-- (one this migration created) gets both, with the app's policy; a table the app secured is left
+-- as the app made it. Plain Postgres (the postgres backend) has no such roles: nothing to do.
+do $$
+declare
+    t text;
+    table_oid oid;
+begin
+    if exists (select 1 from pg_roles where rolname = 'service_role') then
+        grant usage on schema public to service_role;
+        grant select, insert, update on public.training_runs to service_role;
+        grant select, insert, update on public.trainer_workers to service_role;
+    end if;
+    if not exists (select 1 from pg_roles where rolname = 'anon')
+       or not exists (select 1 from pg_roles where rolname = 'authenticated') then
+        return;
+    end if;
+    grant usage on schema public to anon, authenticated;
+    foreach t in array array['training_runs', 'trainer_workers'] loop
+        execute format('grant select, insert, update, delete on public.%I to anon, authenticated', t);
+        table_oid := format('public.%I', t)::regclass;
+        if not exists (select 1 from pg_class where oid = table_oid and relrowsecurity)
+           and not exists (select 1 from pg_policy where polrelid = table_oid) then
+            execute format('alter table public.%I enable row level security', t);
+            execute format('create policy %I on public.%I for all to anon, authenticated'
+                           ' using (true) with check (true)', t || ' anon all', t);
+        end if;
+    end loop;
 end
 $$;

@@ -1,1 +1,0 @@
-../../agent/backends/postgres/sql/schema.sql
