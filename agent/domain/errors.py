@@ -39,3 +39,13 @@ class BackendError(AgentError):
 
 class NotFound(BackendError):
     """The object asked for does not exist."""
+
+
+class MissingPrivilege(BackendError):
+    """The table is there but the backend's role may not read or write it (SQLSTATE 42501)."""
+
+    def __init__(self, message: str, *, role: str, table: str, privileges: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.role = role
+        self.table = table
+        self.privileges = privileges

@@ -86,7 +86,10 @@ class SupabaseHarness:
         client = AsyncClient(
             self.server.url, self.server.service_role_key, AsyncClientOptions(httpx_client=http)
         )
-        return SupabaseEvents(realtime_factory(client), topic=f"contract-{next(_topics)}", tuning=FAST)
+        # The contract's runs are claimed by "w1": listen as that agent does.
+        return SupabaseEvents(
+            realtime_factory(client), topic=f"contract-{next(_topics)}", worker_id="w1", tuning=FAST
+        )
 
     def _sql(self) -> Any:
         # Direct row access is the postgres harness's, on the same database.

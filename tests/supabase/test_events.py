@@ -76,7 +76,10 @@ async def events(standin: StandIn) -> AsyncIterator[SupabaseEvents]:
     client = await connect_client(standin.url, standin.service_role_key, http)
     try:
         yield SupabaseEvents(
-            realtime_factory(client, max_retries=2, initial_backoff=0.05), topic="t", tuning=FAST
+            realtime_factory(client, max_retries=2, initial_backoff=0.05),
+            topic="t",
+            worker_id="w1",
+            tuning=FAST,
         )
     finally:
         await http.aclose()

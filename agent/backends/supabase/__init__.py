@@ -13,7 +13,7 @@ from agent.backends.supabase.sources import StorageSource, storage_sources
 from agent.backends.supabase.store import SupabaseStore, parse_row
 from agent.backends.supabase.transport import ServerUnavailable, http_client
 from agent.config import Settings
-from agent.domain.errors import BackendError
+from agent.domain.errors import BackendError, MissingPrivilege
 
 __all__ = [
     "ServerUnavailable",
@@ -33,6 +33,7 @@ __all__ = [
 
 
 SupabaseBackends = Backends
+ECHO_HEARTBEATS = 3
 
 
 async def connect_client(url: str, key: str, http: httpx.AsyncClient) -> AsyncClient:
@@ -78,6 +79,8 @@ async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> 
         store = SupabaseStore(client)
         try:
             await store.probe()
+        except MissingPrivilege:
+            raise  # the schema is there: its message names the grant that is missing
         except BackendError as exc:
             raise BackendError(
                 f"{exc}: apply the saturnos-agent schema (the SQL of `saturnos-agent migrate`) to the project"
@@ -90,7 +93,12 @@ async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> 
         )
         await blobs.ensure_bucket()
         events = SupabaseEvents(
-            realtime_factory(client), topic=f"saturnos-agent:{settings.worker_id}", tuning=tuning
+            realtime_factory(client),
+            topic=f"saturnos-agent:{settings.worker_id}",
+            worker_id=settings.worker_id,
+            # The registry row is written every HEARTBEAT_INTERVAL: three missed echoes mean a dead stream.
+            echo_within=ECHO_HEARTBEATS * settings.heartbeat_interval,
+            tuning=tuning,
         )
     except BaseException:
         await http.aclose()

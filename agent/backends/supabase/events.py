@@ -19,23 +19,31 @@ Known gaps of Realtime and of realtime-py 2.34.1, and what this module does abou
 - A callback that raises unwinds the client's listen task and stops all delivery
   (client.py `_listen` calls `channel._handle_message` unguarded): every callback here catches
   everything and only enqueues.
+- A cold restart of Realtime's change capture deletes the server-side subscriptions and tells no
+  one, and a project over its event quota skips every change silently: the socket, the channel
+  and the heartbeats all look fine. So the stream must prove it is alive: the agent's own writes
+  (its runs' heartbeats and progress, and its registry row every HEARTBEAT_INTERVAL, idle or not)
+  come back through the `worker_id=eq.<me>` bindings; with none back within `echo_within`
+  (3 × HEARTBEAT_INTERVAL) the stream is unhealthy and the channel is rebuilt.
+- The server's complaints (`system` errors, refused joins, changes carrying `Error 401` or
+  `Error 413`) are kept as `problems`, each logged once at WARNING in the server's words.
+  realtime-py cannot parse an `Error 401` change (it has no commit_timestamp) and only logs it:
+  its log record is read here for the frame.
 
-Subscriptions have no server-side filter (support differs between server versions); changes are
-filtered here, as the postgres backend's trigger filters its NOTIFYs: an UPDATE is a hint when it
-changes status, cancel_requested, worker_id or started_at, and progress writes are not hints.
-`old_record` carries the old values only with `replica identity full`; without it, a progress
-write is recognised by its row image (see `is_progress_write`).
+Which bindings, and why they are filtered on the server: see changes.py.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from loguru import logger
@@ -55,95 +63,47 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from agent.domain.run import Hint, HintOp
-from agent.domain.status import RunStatus, is_claimable
+from agent.backends.supabase.changes import (
+    agent_bindings,
+    change_data,
+    change_errors,
+    hint_from_change,
+    is_progress_write,
+)
 from agent.ports import HintSink
+
+__all__ = [
+    "SUBSCRIBED_TO_POSTGRES",
+    "RealtimeFactory",
+    "SupabaseEvents",
+    "Tuning",
+    "hint_from_change",
+    "is_progress_write",
+    "quiet_realtime_logging",
+]
 
 RealtimeFactory = Callable[[], AsyncRealtimeClient]
 SUBSCRIBED_TO_POSTGRES = "Subscribed to PostgreSQL"
-_OPS: dict[str, HintOp] = {"INSERT": "INSERT", "UPDATE": "UPDATE", "DELETE": "DELETE"}
+_UNPARSED = "Unrecognized message format "
+_MAX_PROBLEMS = 16
+_MAX_CAUSE = 300
+_EVENTS = {e.value: e for e in RealtimePostgresChangesListenEvent}
+
+# Frames realtime-py could not parse, routed by topic to the SupabaseEvents that joined it.
+_unparsed_listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-_WATCHED = ("status", "cancel_requested", "worker_id", "started_at")
-_OWNED = frozenset({RunStatus.RUNNING.value, RunStatus.CANCELING.value})
-
-
-def _same_time(a: object, b: object) -> bool:
-    if a is None or b is None:
-        return a is b
+def _unparsed_frame(message: str) -> dict[str, Any] | None:
+    """The frame in realtime-py's "Unrecognized message format '…'" log line, if it is one."""
+    if not message.startswith(_UNPARSED):
+        return None
+    quoted = message[len(_UNPARSED) :].split("\n", 1)[0]
     try:
-        return datetime.fromisoformat(str(a)) == datetime.fromisoformat(str(b))
-    except ValueError:
-        return str(a) == str(b)
-
-
-def _change_type(data: dict[str, Any]) -> str:
-    # realtime-py validates the payload: `type` arrives as a str enum, whose str() is its name.
-    kind = data.get("type")
-    return str(getattr(kind, "value", kind))
-
-
-def is_progress_write(payload: object) -> bool:
-    """An UPDATE that changed none of the columns agents act on (a heartbeat or progress write)."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
-        return False
-    data = payload["data"]
-    record, old = data.get("record"), data.get("old_record")
-    if _change_type(data) != "UPDATE" or not isinstance(record, dict):
-        return False
-    # With the old row image (replica identity full), compare the columns. Without it, an owned
-    # run with no cancel request whose heartbeat differs from its start is a progress write: a
-    # claim writes both stamps with one value, and every other change agents act on alters status
-    # or cancel_requested.
-    if isinstance(old, dict) and all(key in old for key in _WATCHED):
-        return all(
-            _same_time(old.get(k), record.get(k)) if k == "started_at" else old.get(k) == record.get(k)
-            for k in _WATCHED
-        )
-    return (
-        record.get("status") == RunStatus.RUNNING.value
-        and record.get("worker_id") is not None
-        and record.get("cancel_requested") is not True
-        and record.get("started_at") is not None
-        and not _same_time(record.get("started_at"), record.get("heartbeat_at"))
-    )
-
-
-def hint_from_change(payload: object) -> Hint | None:
-    """A `postgres_changes` payload as a Hint, from the row image in `data.record`; None if unusable."""
-    if not isinstance(payload, dict):
+        text = ast.literal_eval(quoted)
+        frame = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except (ValueError, SyntaxError):
         return None
-    data = payload.get("data")
-    if not isinstance(data, dict):
-        return None
-    op = _OPS.get(_change_type(data))
-    record = data.get("record") if op != "DELETE" else data.get("old_record")
-    if op is None or not isinstance(record, dict) or not record.get("id"):
-        return None
-    raw_status = record.get("status")
-    try:
-        status: RunStatus | None = RunStatus(str(raw_status))
-    except ValueError:
-        status = None
-    worker = record.get("worker_id")
-    cancel = record.get("cancel_requested")
-    attempt = record.get("attempt")
-    return Hint(
-        run_id=str(record["id"]),
-        op=op,
-        claimable=op != "DELETE"
-        and is_claimable(
-            raw_status if isinstance(raw_status, str) else None,
-            record.get("started_at"),
-            worker if isinstance(worker, str) else None,
-            cancel if isinstance(cancel, bool) else None,
-        ),
-        cancel_requested=cancel is True,
-        worker_id=str(worker) if worker is not None else None,
-        status=status,
-        raw_status=str(raw_status)[:64] if raw_status is not None else None,
-        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
-    )
+    return frame if isinstance(frame, dict) else None
 
 
 class _ToLoguru(logging.Handler):
@@ -151,7 +111,12 @@ class _ToLoguru(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            logger.bind(library=record.name).debug(record.getMessage())
+            message = record.getMessage()
+            frame = _unparsed_frame(message)
+            listener = _unparsed_listeners.get(str(frame.get("topic"))) if frame else None
+            if frame is not None and listener is not None:
+                listener(frame)
+            logger.bind(library=record.name).debug(message)
 
 
 def quiet_realtime_logging() -> None:
@@ -179,6 +144,29 @@ class Tuning:
     stable_after: float = 5.0  # subscribed this long: the next outage starts backoff afresh
 
 
+@dataclass
+class _Watch:
+    """When each kind of outage of the current channel began (None: not in one)."""
+
+    disconnected_at: float | None = None
+    unjoined_at: float | None = None
+    unready_at: float | None = None  # connected, but no changes flowing
+
+
+def _server_words(error: Exception) -> str:
+    """The server's message in a channel error: a system error's `message`, a refusal's `reason`."""
+    text = str(error)
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(payload, dict):
+        for key in ("message", "reason"):
+            if isinstance(payload.get(key), str):
+                return str(payload[key])
+    return text
+
+
 class _Rebuild(Exception):
     def __init__(self, scope: str, reason: str) -> None:
         super().__init__(reason)
@@ -202,14 +190,16 @@ class SupabaseEvents:
         make_client: RealtimeFactory,
         *,
         topic: str,
-        table: str = "training_runs",
-        schema: str = "public",
+        worker_id: str | None = None,
+        echo_within: float | None = None,
         tuning: Tuning | None = None,
     ) -> None:
         self._make_client = make_client
         self._topic = topic
-        self._table = table
-        self._schema = schema
+        self._worker_id = worker_id
+        self._bindings = agent_bindings(worker_id)
+        # The liveness proof needs this agent's own writes to come back: its worker id's bindings.
+        self._echo_within = echo_within if worker_id is not None else None
         self._t = tuning or Tuning()
         self._healthy = False
         self._log = logger.bind(topic=topic)
@@ -234,6 +224,11 @@ class SupabaseEvents:
         self._probe_failed = False
         self._probe_epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ready_at = 0.0  # the last "Subscribed to PostgreSQL"
+        self._echo_at = 0.0  # the last change of this agent's own rows
+        self._echoes = 0
+        self._last_payload: object = None
+        self._problems: OrderedDict[str, float] = OrderedDict()  # cause -> wall time last seen
 
     @property
     def healthy(self) -> bool:
@@ -249,10 +244,33 @@ class SupabaseEvents:
         """How many times changes started flowing ("Subscribed to PostgreSQL"), for logs and tests."""
         return self._subscriptions
 
+    @property
+    def echoes(self) -> int:
+        """Changes of this agent's own rows that came back through the stream (for logs and tests)."""
+        return self._echoes
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Recent distinct causes the server gave (or the stream showed) for not delivering, oldest first."""
+        return tuple(self._problems)
+
+    def _problem(self, cause: str) -> None:
+        """Keep a cause; the first time it is seen, log it at WARNING in the server's words."""
+        cause = cause.strip()[:_MAX_CAUSE] or "unknown"
+        known = cause in self._problems
+        self._problems[cause] = time.time()
+        self._problems.move_to_end(cause)
+        while len(self._problems) > _MAX_PROBLEMS:
+            self._problems.popitem(last=False)
+        if not known:
+            self._log.bind(cause=cause).warning("realtime problem: {}", cause)
+
     async def listen(self, sink: HintSink, on_subscribed: Callable[[], None]) -> None:
         """Stream hints until cancelled; rebuilds the channel or the client, with backoff, when unhealthy."""
         self._sink, self._on_subscribed = sink, on_subscribed
         quiet_realtime_logging()
+        full_topic = f"realtime:{self._topic}"
+        _unparsed_listeners[full_topic] = self._on_unparsed
         try:
             while True:
                 # One AsyncRetrying per outage: a stream that was stable starts its backoff afresh.
@@ -275,6 +293,8 @@ class SupabaseEvents:
                     await self._apply(stable.rebuild, attempt=0)
         finally:
             self._healthy = False
+            if _unparsed_listeners.get(full_topic) == self._on_unparsed:
+                del _unparsed_listeners[full_topic]
             await self._close_client()
 
     async def _stream_once(self) -> None:
@@ -334,13 +354,14 @@ class SupabaseEvents:
         channel = client.channel(self._topic)
         if channel.is_joined or channel.is_joining:
             raise _Rebuild("client", "a previous channel of this topic is still attached")
-        # Deletes too: the owner of a deleted run stops its training at once.
-        for event in (
-            RealtimePostgresChangesListenEvent.Insert,
-            RealtimePostgresChangesListenEvent.Update,
-            RealtimePostgresChangesListenEvent.Delete,
-        ):
-            channel.on_postgres_changes(event, self._on_change, table=self._table, schema=self._schema)
+        for binding in self._bindings:
+            channel.on_postgres_changes(
+                _EVENTS[binding.event],
+                self._on_change,
+                table=binding.table,
+                schema=binding.schema,
+                filter=binding.filter,
+            )
         channel.on_system(lambda payload: self._on_system(gen, payload))
         self._channel = channel
         try:
@@ -358,9 +379,7 @@ class SupabaseEvents:
         """Return never; raise _Rebuild when the stream is down past its grace period."""
         client, channel = self._client, self._channel
         assert client is not None and channel is not None
-        disconnected_at: float | None = None
-        unjoined_at: float | None = None
-        unready_at: float | None = None  # connected, but no changes flowing (across rejoins)
+        watch = _Watch()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._t.check_interval)
@@ -368,32 +387,57 @@ class SupabaseEvents:
             now = time.monotonic()
             if self._probe_failed:
                 raise _Rebuild("client", f"no heartbeat reply within {self._t.heartbeat_timeout:g}s")
-            if not client.is_connected:
-                self._mark_down("socket disconnected")
-                self._forget_heartbeat()
-                disconnected_at = disconnected_at or now
-                if now - disconnected_at >= self._t.reconnect_grace:
-                    raise _Rebuild("client", f"socket still down after {self._t.reconnect_grace:g}s")
+            if not self._socket_up(client, watch, now):
                 continue
-            disconnected_at = None
             if channel.is_closed or channel.is_leaving:
                 raise _Rebuild("channel", "channel closed by the server")
-            joined = channel.is_joined and self._subscribed
-            unjoined_at = None if joined else unjoined_at or now
-            unready_at = None if joined and self._postgres_ready else unready_at or now
-            why = f" (last error: {self._last_error})" if self._last_error else ""
-            if unjoined_at is not None and now - unjoined_at >= self._t.rejoin_grace:
-                raise _Rebuild("channel", f"channel not joined after {self._t.rejoin_grace:g}s{why}")
-            if unready_at is not None and now - unready_at >= self._t.postgres_timeout:
-                # The client rejoins by itself, but a join the server answers and then refuses
-                # (an error instead of "Subscribed to PostgreSQL") would cycle forever.
-                raise _Rebuild("channel", f"no changes flowing after {self._t.postgres_timeout:g}s{why}")
-            if not joined:
-                self._mark_down(f"channel {channel.state.value}")
-            elif not self._postgres_ready:
-                self._mark_down("waiting for Subscribed to PostgreSQL")
-            else:
+            if self._flowing(channel, watch, now):
+                self._check_echo(now)
                 self._heartbeat(now)
+
+    def _socket_up(self, client: AsyncRealtimeClient, watch: _Watch, now: float) -> bool:
+        """Whether the socket is connected; raises once the client's own reconnects took too long."""
+        if client.is_connected:
+            watch.disconnected_at = None
+            return True
+        self._mark_down("socket disconnected")
+        self._forget_heartbeat()
+        watch.disconnected_at = watch.disconnected_at or now
+        if now - watch.disconnected_at >= self._t.reconnect_grace:
+            raise _Rebuild("client", f"socket still down after {self._t.reconnect_grace:g}s")
+        return False
+
+    def _flowing(self, channel: AsyncRealtimeChannel, watch: _Watch, now: float) -> bool:
+        """Whether the channel is joined and changes flow; raises when it stayed otherwise too long."""
+        joined = channel.is_joined and self._subscribed
+        watch.unjoined_at = None if joined else watch.unjoined_at or now
+        ready = joined and self._postgres_ready
+        watch.unready_at = None if ready else watch.unready_at or now  # across the client's rejoins
+        why = f" (last error: {self._last_error})" if self._last_error else ""
+        if watch.unjoined_at is not None and now - watch.unjoined_at >= self._t.rejoin_grace:
+            raise _Rebuild("channel", f"channel not joined after {self._t.rejoin_grace:g}s{why}")
+        if watch.unready_at is not None and now - watch.unready_at >= self._t.postgres_timeout:
+            # The client rejoins by itself, but a join the server answers and then refuses
+            # (an error instead of "Subscribed to PostgreSQL") would cycle forever.
+            raise _Rebuild("channel", f"no changes flowing after {self._t.postgres_timeout:g}s{why}")
+        if not joined:
+            self._mark_down(f"channel {channel.state.value}")
+        elif not ready:
+            self._mark_down("waiting for Subscribed to PostgreSQL")
+        return ready
+
+    def _check_echo(self, now: float) -> None:
+        """Raise when none of this agent's own writes came back in time: the stream is silently dead."""
+        within = self._echo_within
+        if within is None:
+            return
+        if now - max(self._ready_at, self._echo_at) >= within:
+            cause = (
+                f"none of this agent's own writes came back through Realtime within {within:g}s: "
+                "the server dropped its subscriptions, or the project is over its event quota"
+            )
+            self._problem(cause)
+            raise _Rebuild("channel", cause)
 
     def _heartbeat(self, now: float) -> None:
         """Send one of our own heartbeats when due; its reply or timeout lands in the callbacks."""
@@ -441,7 +485,20 @@ class SupabaseEvents:
 
     def _on_change(self, payload: Any) -> None:
         try:
-            if is_progress_write(payload):
+            # realtime-py calls each matching binding's callback with the same payload: one hint.
+            if payload is self._last_payload:
+                return
+            self._last_payload = payload
+            data = change_data(payload)
+            if data is None:
+                self._log.warning("ignoring a malformed postgres_changes payload")
+                return
+            for error in change_errors(data):
+                self._problem(f"{data.get('schema')}.{data.get('table')}: {error}")
+            if self._is_echo(data):
+                self._echoes += 1
+                self._echo_at = time.monotonic()
+            if data.get("table") != self._bindings[0].table or is_progress_write(payload):
                 return
             hint = hint_from_change(payload)
             if hint is None:
@@ -451,6 +508,24 @@ class SupabaseEvents:
         except Exception:
             self._log.exception("hint delivery failed")
 
+    def _is_echo(self, data: dict[str, Any]) -> bool:
+        record = data.get("record") or data.get("old_record")
+        return (
+            self._worker_id is not None
+            and isinstance(record, dict)
+            and record.get("worker_id") == self._worker_id
+        )
+
+    def _on_unparsed(self, frame: dict[str, Any]) -> None:
+        """A frame realtime-py dropped: an `Error 401`/`Error 400` change, say. Never raises."""
+        try:
+            data = change_data(frame.get("payload"))
+            if frame.get("event") == "postgres_changes" and data is not None:
+                for error in change_errors(data) or ("a change realtime-py could not parse",):
+                    self._problem(f"{data.get('schema')}.{data.get('table')}: {error}")
+        except Exception:
+            self._log.exception("unparsed frame callback failed")
+
     def _on_system(self, gen: int, payload: Any) -> None:
         try:
             if gen != self._gen:
@@ -459,6 +534,7 @@ class SupabaseEvents:
             if getattr(payload, "extension", "") == "postgres_changes" and SUBSCRIBED_TO_POSTGRES in message:
                 self._postgres_ready = True
                 self._subscriptions += 1
+                self._ready_at = time.monotonic()
                 self._mark_up()
                 self._catch_up()
                 self._wake.set()
@@ -476,7 +552,8 @@ class SupabaseEvents:
                 self._subscribed = False
                 self._postgres_ready = False
                 if error is not None:
-                    self._last_error = str(error)
+                    self._last_error = _server_words(error)
+                    self._problem(f"channel {status.value}: {self._last_error}")
                 # A refusal by the server (the table not in the publication, say) deserves its one
                 # warning even before the stream was ever up.
                 reason = f"channel {status.value}" + (f": {error}" if error else "")

@@ -19,18 +19,21 @@ No retries in here: the client's own retry is disabled and the core owns the ret
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, assert_never
 
 from loguru import logger
-from postgrest import AsyncQueryRequestBuilder, AsyncRequestBuilder, AsyncSelectRequestBuilder
+from postgrest import APIError, AsyncQueryRequestBuilder, AsyncRequestBuilder, AsyncSelectRequestBuilder
 from postgrest.types import ReturnMethod
 from supabase import AsyncClient
 
 from agent.backends.supabase.transport import boundary, utc_now
-from agent.domain.errors import BackendError
+from agent.domain.errors import BackendError, MissingPrivilege
 from agent.domain.run import (
     CANCELED_MESSAGE,
     Canceled,
@@ -66,6 +69,58 @@ _TERMINAL = [RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCEL
 _NOT_CANCELED = "cancel_requested.is.null,cancel_requested.eq.false"
 
 Query = AsyncSelectRequestBuilder
+# What each PostgREST method needs of the table (a PATCH or POST that returns rows also reads them).
+_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "GET": ("SELECT",),
+    "HEAD": ("SELECT",),
+    "PATCH": ("SELECT", "UPDATE"),
+    "POST": ("SELECT", "INSERT", "UPDATE"),
+    "DELETE": ("SELECT", "DELETE"),
+}
+_DENIED_TABLE = re.compile(r"permission denied for (?:table|relation) (\S+)")
+_DENIED_SCHEMA = re.compile(r"permission denied for schema (\S+)")
+
+
+def key_role(key: str) -> str:
+    """The role an API key acts as: its JWT's `role` claim (read, unverified); other keys: service_role."""
+    parts = key.split(".")
+    if len(parts) == 3:
+        try:
+            padded = parts[1] + "=" * (-len(parts[1]) % 4)
+            role = json.loads(base64.urlsafe_b64decode(padded)).get("role")
+        except (ValueError, AttributeError):
+            role = None
+        if isinstance(role, str) and role:
+            return role
+    return "service_role"
+
+
+def missing_privilege(error: APIError, what: str, role: str, method: str) -> MissingPrivilege:
+    """A 42501 in words an operator can act on: which role lacks what on which table, and the fix."""
+    message = str(error.message or "")
+    schema = _DENIED_SCHEMA.search(message)
+    if schema:
+        name = schema.group(1)
+        return MissingPrivilege(
+            f"{what}: role {role} may not use schema {name}: run the saturnos-agent migration "
+            f"(deploy/supabase/migrations) or `grant usage on schema {name} to {role}`",
+            role=role,
+            table=name,
+            privileges=("USAGE",),
+        )
+    found = _DENIED_TABLE.search(message)
+    table = found.group(1) if found else "the table"
+    privileges = _PRIVILEGES.get(method.upper(), ("SELECT",))
+    qualified = table if "." in table or not found else f"public.{table}"
+    return MissingPrivilege(
+        f"{what}: the table {qualified} exists but role {role} has no {'/'.join(privileges)} on it: "
+        f"run the saturnos-agent migration (deploy/supabase/migrations, or the SQL of "
+        f"`saturnos-agent migrate --print`) or `grant {', '.join(p.lower() for p in privileges)} "
+        f"on {qualified} to {role}`",
+        role=role,
+        table=qualified,
+        privileges=privileges,
+    )
 
 
 def _uuid(run_id: str) -> str | None:
@@ -138,13 +193,20 @@ class SupabaseStore:
     def __init__(self, client: AsyncClient, *, clock_skew_margin: float = 15.0) -> None:
         self._client = client
         self._clock_skew_margin = clock_skew_margin
+        self._role = key_role(str(client.supabase_key))
 
     def _runs(self) -> AsyncRequestBuilder:
         return self._client.table(RUNS)
 
     async def _rows(self, query: AsyncQueryRequestBuilder, what: str) -> list[dict[str, Any]]:
-        with boundary(what):
-            response = await query.execute()
+        try:
+            with boundary(what):
+                response = await query.execute()
+        except BackendError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, APIError) and cause.code == "42501":
+                raise missing_privilege(cause, what, self._role, query.request.http_method) from cause
+            raise
         data = response.data
         if not isinstance(data, list):
             raise BackendError(f"{what}: PostgREST answered {type(data).__name__}, not a list of rows")

@@ -1,0 +1,189 @@
+"""The supabase backend on today's Supabase: filtered bindings, a stream that proves it is alive,
+the server's complaints reported, and a missing grant named."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from loguru import logger
+
+from agent.backends.supabase import (
+    SupabaseBackends,
+    SupabaseEvents,
+    connect_client,
+    open_supabase,
+    realtime_factory,
+)
+from agent.backends.supabase.transport import http_client
+from agent.domain.errors import MissingPrivilege
+from agent.domain.run import NewRun, WorkerInfo, WorkerState
+from agent.domain.status import WorkerStatus
+from tests.standin import StandIn
+from tests.supabase.harness import FAST, settings_for
+from tests.supabase.test_events import Heard, listening
+from tests.util import wait_for
+
+NEW = NewRun("/data/a.yaml", "YOLOv8n", {"epochs": 1})
+ME = WorkerInfo("w1", "host-a", (), "test", 1)
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    yield messages
+    logger.remove(sink)
+
+
+async def make_events(
+    standin: StandIn, worker_id: str = "w1", echo_within: float | None = None
+) -> SupabaseEvents:
+    http = http_client()
+    client = await connect_client(standin.url, standin.service_role_key, http)
+    return SupabaseEvents(
+        realtime_factory(client, max_retries=2, initial_backoff=0.05),
+        topic=f"t-{worker_id}",
+        worker_id=worker_id,
+        echo_within=echo_within,
+        tuning=FAST,
+    )
+
+
+@pytest.fixture
+async def events(standin: StandIn) -> AsyncIterator[SupabaseEvents]:
+    yield await make_events(standin)
+
+
+async def sql(standin: StandIn, statement: str, params: list[Any] | None = None) -> None:
+    async with await psycopg.AsyncConnection.connect(standin.database_url, autocommit=True) as conn:
+        await conn.execute(statement, params or [])
+
+
+async def test_other_agents_progress_never_reaches_this_agent(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    async with listening(events, Heard()) as heard:
+        theirs = await supa.admin.submit(NEW)
+        await wait_for(lambda: heard.for_run(theirs), what="the insert")
+        standin.realtime.quota.reset()
+        claim = await supa.store.claim(theirs, "w2")
+        assert claim is not None
+        for epoch in range(5):
+            assert await supa.store.touch(claim.lease, {"progress": {"epoch": epoch}})
+        marker = await supa.admin.submit(NEW)
+        await wait_for(lambda: heard.for_run(marker), what="the next insert, after their writes")
+        assert [h.op for h in heard.for_run(theirs)] == ["INSERT"]
+        # Realtime counted the marker's insert for this channel, and nothing of their run.
+        assert standin.realtime.quota.counted == 1
+
+
+async def test_a_requeue_of_my_run_is_heard_through_the_queued_binding(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    run_id = await supa.admin.submit(NEW)
+    claim = await supa.store.claim(run_id, "w1")
+    assert claim is not None
+    async with listening(events, Heard()) as heard:
+        # Rescued by another agent: worker_id goes to null with status queued, then another claims it.
+        await sql(
+            standin,
+            "update training_runs set heartbeat_at = now() - interval '1 hour' where id = %s",
+            [run_id],
+        )
+        report = await supa.store.rescue_stale(60, 3)
+        assert report.requeued == (run_id,)
+        hints = await wait_for(lambda: heard.for_run(run_id), what="the requeue")
+    assert hints[0].worker_id is None and hints[0].claimable
+
+
+async def test_a_cancel_of_an_unclaimed_run_as_the_app_writes_it_is_heard(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    async with listening(events, Heard()) as heard:
+        run_id = await supa.admin.submit(NEW)
+        await wait_for(lambda: heard.for_run(run_id), what="the insert")
+        await sql(
+            standin,
+            "update training_runs set status = 'canceling', cancel_requested = true where id = %s",
+            [run_id],
+        )
+        hints = await wait_for(lambda: len(heard.for_run(run_id)) == 2 and heard.for_run(run_id))
+    assert hints[1].cancel_requested and hints[1].worker_id is None
+
+
+async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
+    supa: SupabaseBackends, standin: StandIn, warnings: list[str]
+) -> None:
+    heartbeat = 0.3
+    events = await make_events(standin, echo_within=3 * heartbeat)
+
+    async def registry() -> None:
+        # The agent's registry: its own row, every HEARTBEAT_INTERVAL.
+        while True:
+            await supa.store.register_worker(ME, WorkerState(WorkerStatus.ONLINE, ()))
+            await asyncio.sleep(heartbeat)
+
+    writer = asyncio.create_task(registry())
+    try:
+        async with listening(events, Heard()) as heard:
+            await wait_for(lambda: events.echoes >= 2, what="echoes of the registry row")
+            assert events.healthy
+            dropped_at = time.monotonic()
+            assert standin.faults.drop_subscriptions() == 5
+            await wait_for(lambda: not events.healthy, timeout=5, what="the silent stream noticed")
+            noticed = time.monotonic() - dropped_at
+            await wait_for(lambda: len(heard.catch_ups) == 2 and events.healthy, timeout=10, what="healed")
+            run_id = await supa.admin.submit(NEW)
+            await wait_for(lambda: heard.for_run(run_id), what="an insert after healing")
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    assert noticed <= 3 * heartbeat + 1.0
+    assert any("own writes came back" in p for p in events.problems)
+    assert sum("own writes came back" in w for w in warnings) == 1
+
+
+async def test_error_401_changes_are_reported_once_in_the_servers_words(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents, warnings: list[str]
+) -> None:
+    async with listening(events, Heard()):
+        await sql(standin, "revoke select on training_runs from service_role")
+        for _ in range(3):
+            await sql(standin, "insert into training_runs (status) values ('queued')")
+        await wait_for(lambda: events.problems, what="the 401 reported")
+    assert events.problems == ("public.training_runs: Error 401: Unauthorized",)
+    assert sum("Error 401" in w for w in warnings) == 1
+
+
+async def test_a_private_only_project_is_reported(standin: StandIn, events: SupabaseEvents) -> None:
+    standin.realtime.private_only = True
+    async with listening(events, Heard(), wait=False):
+        await wait_for(lambda: events.problems, what="the refusal reported")
+    assert (
+        events.problems[0] == "channel CHANNEL_ERROR: PrivateOnly: This project only allows private channels"
+    )
+
+
+async def test_a_missing_grant_is_named_with_its_fix(supa: SupabaseBackends, standin: StandIn) -> None:
+    run_id = await supa.admin.submit(NEW)
+    await sql(standin, "revoke update on training_runs from service_role")
+    with pytest.raises(MissingPrivilege) as denied:
+        await supa.store.claim(run_id, "w1")
+    assert denied.value.role == "service_role" and denied.value.table == "public.training_runs"
+    message = str(denied.value)
+    assert "the table public.training_runs exists but role service_role has no SELECT/UPDATE on it" in message
+    assert "grant select, update on public.training_runs to service_role" in message
+
+
+async def test_startup_names_the_missing_grant_not_a_missing_schema(standin: StandIn, tmp_path: Path) -> None:
+    await sql(standin, "revoke select on trainer_workers from service_role")
+    with pytest.raises(MissingPrivilege) as denied:
+        await open_supabase(settings_for(standin, tmp_path / "agent"), tuning=FAST)
+    assert "trainer_workers exists but role service_role has no SELECT" in str(denied.value)
+    assert "apply the saturnos-agent schema" not in str(denied.value)
