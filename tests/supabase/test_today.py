@@ -135,7 +135,7 @@ async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
             await wait_for(lambda: events.echoes >= 2, what="echoes of the registry row")
             assert events.healthy
             dropped_at = time.monotonic()
-            assert standin.faults.drop_subscriptions() == 5
+            assert standin.faults.drop_subscriptions() == 6
             await wait_for(lambda: not events.healthy, timeout=5, what="the silent stream noticed")
             noticed = time.monotonic() - dropped_at
             await wait_for(lambda: len(heard.catch_ups) == 2 and events.healthy, timeout=10, what="healed")

@@ -12,6 +12,8 @@ project without a word (see tests/standin/quota.py):
 - UPDATE `cancel_requested=eq.true`: a cancel of an unclaimed run as the app writes it
   (`status='canceling', cancel_requested=true`); it also carries the few writes of a run while it
   is being canceled, whoever owns it: a handful per cancel, not a stream;
+- DELETE, unfiltered: a deleted row carries only its key, so Realtime matches a filter on
+  worker_id against nothing and fails closed; deletes are rare (a project deleted in the app);
 - `*` on trainer_workers `worker_id=eq.<me>`: my registry row, written every HEARTBEAT_INTERVAL,
   echoed back even when the agent has no run.
 
@@ -19,8 +21,8 @@ Realtime checks an UPDATE's filter against the new row only. So the update that 
 from me (another worker's claim) is not delivered through `worker_id=eq.<me>`; in the protocol a
 run only changes owner through `queued` (rescue, release), which `status=eq.queued` delivers, and
 an ending (`failed`, `canceled` by a rescue or a deleted project) keeps my worker_id. A row
-rewritten by hand to another worker, or deleted, is heard by the fenced heartbeat, whose write
-then matches no row. Only `eq` is used: every server version has it. Other agents' progress
+rewritten by hand to another worker is heard by the fenced heartbeat, whose write then matches
+no row. Only `eq` is used: every server version has it. Other agents' progress
 writes match none of these filters and never reach this agent. The filtering below stays as a
 second line: a server that ignored filters would still not make progress writes into hints.
 """
@@ -59,6 +61,7 @@ def agent_bindings(
         Binding("UPDATE", runs, f"worker_id=eq.{worker_id}"),
         Binding("UPDATE", runs, "status=eq.queued"),
         Binding("UPDATE", runs, "cancel_requested=eq.true"),
+        Binding("DELETE", runs),
         Binding("*", workers, f"worker_id=eq.{worker_id}"),
     ]
 
