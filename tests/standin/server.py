@@ -104,6 +104,9 @@ class StandIn:
         app.router.add_route("*", "/rest/v1/{tail:.*}", rest.handle)
         app.router.add_route("GET", "/realtime/v1/websocket", self.realtime.handle)
         app.router.add_route("*", "/storage/v1/{tail:.*}", storage.handle)
+        app.router.add_route("GET", "/_standin/realtime/quota", self._quota)
+        app.router.add_route("POST", "/_standin/realtime/quota/reset", self._quota_reset)
+        app.router.add_route("POST", "/_standin/realtime/shadow", self._shadow)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await self._listen(True)
@@ -156,6 +159,32 @@ class StandIn:
         elif not on and self._site is not None:
             await self._site.stop()
             self._site = None
+
+    # The stand-in's own control routes, for benchmarks that run it as a separate process.
+
+    async def _quota(self, request: web.Request) -> web.Response:
+        quota = self.realtime.quota
+        return web.json_response(
+            {
+                "max_events_per_second": quota.max_events_per_second,
+                "elapsed": quota.elapsed,
+                "counted": quota.counted,
+                "skipped_changes": quota.skipped_changes,
+                "shadow_counted": quota.shadow_counted,
+                "average": quota.average,
+                "triggered": quota.triggered,
+                "connections": self.realtime.connections,
+            }
+        )
+
+    async def _quota_reset(self, request: web.Request) -> web.Response:
+        self.realtime.quota.reset()
+        return web.json_response({})
+
+    async def _shadow(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.realtime.add_shadow(list(body.get("params") or []), int(body.get("copies") or 1))
+        return web.json_response({})
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -187,3 +187,46 @@ async def test_startup_names_the_missing_grant_not_a_missing_schema(standin: Sta
         await open_supabase(settings_for(standin, tmp_path / "agent"), tuning=FAST)
     assert "trainer_workers exists but role service_role has no SELECT" in str(denied.value)
     assert "apply the saturnos-agent schema" not in str(denied.value)
+
+
+async def test_an_idle_agent_heals_a_dropped_subscription_within_three_heartbeats(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    from agent.wiring import build_agent
+
+    heartbeat = 0.5
+    settings = settings_for(
+        standin,
+        tmp_path / "agent",
+        poll_interval=600.0,  # only Realtime, or the degraded poll while it is down, picks runs up
+        degraded_poll_interval=0.5,
+        heartbeat_interval=heartbeat,
+        stale_after=30.0,
+        offline=True,
+    )
+    backends = await open_supabase(settings, tuning=FAST)
+    agent = build_agent(settings, backends, offline=True)
+    task = asyncio.create_task(agent.run())
+    events = backends.events
+    assert isinstance(events, SupabaseEvents)
+    try:
+        await wait_for(lambda: agent.ready.is_set() and events.echoes >= 1, what="echo of the registry")
+        dropped_at = time.monotonic()
+        standin.faults.drop_subscriptions()
+        await wait_for(lambda: not events.healthy, timeout=10, what="the dead stream noticed")
+        noticed = time.monotonic() - dropped_at
+        await wait_for(lambda: events.subscriptions >= 2 and events.healthy, timeout=10, what="healed")
+        run_id = await backends.admin.submit(
+            NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.1})
+        )
+
+        async def claimed() -> bool:
+            row = await backends.admin.get(run_id)
+            return row is not None and row.worker_id == settings.worker_id
+
+        await wait_for(claimed, timeout=5, what="a run picked up after healing")
+    finally:
+        agent.stop("test over")
+        await asyncio.wait_for(task, timeout=30)
+        await backends.close()
+    assert noticed <= 3 * heartbeat + 1.0, f"noticed after {noticed:.2f}s"
