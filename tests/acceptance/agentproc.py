@@ -141,7 +141,7 @@ def now() -> float:
 
 CLAIM_LOG = """
 create table claim_log (run_id uuid, worker_id text, attempt int, at timestamptz default now());
-create function log_claim() returns trigger language plpgsql as $$
+create function log_claim() returns trigger language plpgsql security definer as $$
 begin
   insert into claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
   return null;

@@ -181,6 +181,23 @@ async def test_a_missing_grant_is_named_with_its_fix(supa: SupabaseBackends, sta
     assert "grant select, update on public.training_runs to service_role" in message
 
 
+async def test_a_denial_by_a_trigger_names_the_other_table(supa: SupabaseBackends, standin: StandIn) -> None:
+    run_id = await supa.admin.submit(NEW)
+    await sql(
+        standin,
+        """
+        create table side_log (run_id uuid);
+        create function log_side() returns trigger language plpgsql as $$
+        begin insert into side_log values (new.id); return null; end $$;
+        create trigger log_side after update on training_runs for each row execute function log_side();
+        """,
+    )
+    with pytest.raises(MissingPrivilege) as denied:
+        await supa.store.claim(run_id, "w1")
+    assert denied.value.table == "public.side_log"
+    assert "a trigger or a policy of public.training_runs" in str(denied.value)
+
+
 async def test_startup_names_the_missing_grant_not_a_missing_schema(standin: StandIn, tmp_path: Path) -> None:
     await sql(standin, "revoke select on trainer_workers from service_role")
     with pytest.raises(MissingPrivilege) as denied:

@@ -95,7 +95,9 @@ def key_role(key: str) -> str:
     return "service_role"
 
 
-def missing_privilege(error: APIError, what: str, role: str, method: str) -> MissingPrivilege:
+def missing_privilege(
+    error: APIError, what: str, role: str, method: str, target: str | None = None
+) -> MissingPrivilege:
     """A 42501 in words an operator can act on: which role lacks what on which table, and the fix."""
     message = str(error.message or "")
     schema = _DENIED_SCHEMA.search(message)
@@ -109,9 +111,19 @@ def missing_privilege(error: APIError, what: str, role: str, method: str) -> Mis
             privileges=("USAGE",),
         )
     found = _DENIED_TABLE.search(message)
-    table = found.group(1) if found else "the table"
+    table = found.group(1) if found else (target or "the table")
     privileges = _PRIVILEGES.get(method.upper(), ("SELECT",))
     qualified = table if "." in table or not found else f"public.{table}"
+    if found and target is not None and table != target:
+        # Not the table the request names: a trigger or a policy of it touched another table.
+        return MissingPrivilege(
+            f"{what}: role {role} was denied on {qualified}, which a trigger or a policy of "
+            f"public.{target} uses: grant {role} what it does there, or make that trigger's "
+            "function `security definer`",
+            role=role,
+            table=qualified,
+            privileges=(),
+        )
     return MissingPrivilege(
         f"{what}: the table {qualified} exists but role {role} has no {'/'.join(privileges)} on it: "
         f"run the saturnos-agent migration (deploy/supabase/migrations, or the SQL of "
@@ -205,7 +217,9 @@ class SupabaseStore:
         except BackendError as exc:
             cause = exc.__cause__
             if isinstance(cause, APIError) and cause.code == "42501":
-                raise missing_privilege(cause, what, self._role, query.request.http_method) from cause
+                request = query.request
+                target = str(request.path).rstrip("/").rsplit("/", 1)[-1] or None
+                raise missing_privilege(cause, what, self._role, request.http_method, target) from cause
             raise
         data = response.data
         if not isinstance(data, list):
