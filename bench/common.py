@@ -247,7 +247,8 @@ create table if not exists bench_insert_log (
     run_id uuid primary key, at timestamptz default clock_timestamp()
 );
 
-create or replace function bench_on_insert() returns trigger language plpgsql as $$
+-- Security definer: the writers are API roles on the stand-in, which have no grant on the logs.
+create or replace function bench_on_insert() returns trigger language plpgsql security definer as $$
 begin
     insert into bench_insert_log (run_id) values (new.id);
     return null;
@@ -256,7 +257,7 @@ drop trigger if exists bench_on_insert on training_runs;
 create trigger bench_on_insert after insert on training_runs
     for each row execute function bench_on_insert();
 
-create or replace function bench_on_update() returns trigger language plpgsql as $$
+create or replace function bench_on_update() returns trigger language plpgsql security definer as $$
 begin
     if old.worker_id is null and new.worker_id is not null then
         insert into bench_claim_log (run_id, worker_id, attempt) values (new.id, new.worker_id, new.attempt);
