@@ -120,7 +120,7 @@ async def test_a_cancel_of_an_unclaimed_run_as_the_app_writes_it_is_heard(
 async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
     supa: SupabaseBackends, standin: StandIn, warnings: list[str]
 ) -> None:
-    heartbeat = 0.3
+    heartbeat = 0.5
     events = await make_events(standin, echo_within=3 * heartbeat)
 
     async def registry() -> None:
@@ -138,7 +138,7 @@ async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
             assert standin.faults.drop_subscriptions() == 6
             await wait_for(lambda: not events.healthy, timeout=5, what="the silent stream noticed")
             noticed = time.monotonic() - dropped_at
-            await wait_for(lambda: len(heard.catch_ups) == 2 and events.healthy, timeout=10, what="healed")
+            await wait_for(lambda: len(heard.catch_ups) >= 2 and events.healthy, timeout=10, what="healed")
             run_id = await supa.admin.submit(NEW)
             await wait_for(lambda: heard.for_run(run_id), what="an insert after healing")
     finally:
