@@ -47,6 +47,18 @@ alter table public.trainer_workers add column if not exists slots integer;
 alter table public.trainer_workers add column if not exists current_run text;
 alter table public.trainer_workers add column if not exists current_runs jsonb;
 
+-- What the web app's schema has and shows: a run's name and its project and step (plain ids
+-- here; the app's own migrations add the foreign keys), and the hardware of each worker.
+alter table public.training_runs add column if not exists run_name text;
+alter table public.training_runs add column if not exists project_id uuid;
+alter table public.training_runs add column if not exists step_id uuid;
+alter table public.trainer_workers add column if not exists device_type text;
+alter table public.trainer_workers add column if not exists compute_type text;
+alter table public.trainer_workers add column if not exists gpu_name text;
+alter table public.trainer_workers add column if not exists gpu_memory_gb double precision;
+alter table public.trainer_workers add column if not exists cpu_model text;
+alter table public.trainer_workers add column if not exists ram_gb double precision;
+
 -- A table that predates the agent may lack these defaults: a row inserted without a status must
 -- still be queued (claimable), as on a fresh install. Defaults that exist are left alone.
 do $$
@@ -89,18 +101,27 @@ create trigger saturnos_training_runs_attempt
     execute function public.saturnos_training_runs_attempt();
 
 -- Small NOTIFY payloads (the limit is 8000 bytes) for the postgres backend's LISTEN stream,
--- only for changes that matter to agents: not for every progress write.
+-- only for changes that matter to agents: not for every progress write. A delete is one too: the
+-- owner of a deleted run stops its training at once.
 create or replace function public.saturnos_training_runs_notify() returns trigger
 language plpgsql as $$
+declare
+    r public.training_runs%rowtype;
 begin
+    if tg_op = 'DELETE' then
+        r := old;
+    else
+        r := new;
+    end if;
     perform pg_notify('saturnos_training_runs', json_build_object(
-        'id', new.id,
+        'id', r.id,
         'op', tg_op,
-        'status', new.status,
-        'cancel_requested', coalesce(new.cancel_requested, false),
-        'worker_id', new.worker_id,
-        'claimable', (new.status in ('queued', 'running') and new.started_at is null
-                      and new.worker_id is null and new.cancel_requested is not true)
+        'status', r.status,
+        'cancel_requested', coalesce(r.cancel_requested, false),
+        'worker_id', r.worker_id,
+        'attempt', r.attempt,
+        'claimable', (tg_op <> 'DELETE' and r.status in ('queued', 'running') and r.started_at is null
+                      and r.worker_id is null and r.cancel_requested is not true)
     )::text);
     return null;
 end
@@ -118,6 +139,10 @@ create trigger saturnos_training_runs_notify_update
           or old.worker_id is distinct from new.worker_id
           or old.started_at is distinct from new.started_at)
     execute function public.saturnos_training_runs_notify();
+drop trigger if exists saturnos_training_runs_notify_delete on public.training_runs;
+create trigger saturnos_training_runs_notify_delete
+    after delete on public.training_runs
+    for each row execute function public.saturnos_training_runs_notify();
 
 -- On Supabase, Realtime delivers changes of the tables in this publication: training_runs for
 -- the agents' hints, trainer_workers for each agent's echo of its own registry write (the proof
