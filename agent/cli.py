@@ -22,6 +22,7 @@ from agent import __version__, logs
 from agent.config import ConfigError, Settings, legacy_settings_present
 from agent.core.pipeline import without_secrets
 from agent.domain.errors import AgentError, InvalidRequest
+from agent.domain.redact import redact
 from agent.domain.request import DEFAULT_BASE_MODEL, parse_request
 from agent.domain.run import NewRun, RunRow
 from agent.domain.status import RunStatus
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.doctor import settings_error_report
 
             return _print_doctor(args, settings_error_report(exc))
-        print(f"saturnos-agent: {exc}", file=sys.stderr)
+        print(f"saturnos-agent: {redact(str(exc))}", file=sys.stderr)
         return USAGE
     level = settings.log_level if args.serves or args.verbose else "WARNING"
     logs.setup(level, settings.log_json)
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = asyncio.run(args.func(args, settings))
         return result
     except AgentError as exc:
-        print(f"saturnos-agent: {exc}", file=sys.stderr)
+        print(f"saturnos-agent: {redact(str(exc))}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
         return INTERRUPTED
@@ -572,7 +573,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         )
         return USAGE
     async with open_backends(settings, migrate_schema=True) as backends:
-        print(f"migrated {backends.database_url}")
+        print(f"migrated {redact(backends.database_url or '')}")
     return OK
 
 
@@ -584,7 +585,8 @@ async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_doctor(args: argparse.Namespace, report: Report) -> int:
-    print(report.as_json() if args.json else report.render(), flush=True)
+    # Redacted: a settings or connection error may quote a URL with its password.
+    print(redact(report.as_json() if args.json else report.render()), flush=True)
     return 1 if report.failed else 0
 
 

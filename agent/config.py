@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from agent.domain.errors import AgentError
+from agent.domain.redact import quote, register_secret, url_password
 
 Backend = Literal["supabase", "postgres", "embedded"]
 ShutdownMode = Literal["wait", "release"]
@@ -19,7 +21,7 @@ UrlMode = Literal["public", "signed"]
 
 class ConfigError(AgentError):
     def __init__(self, key: str, value: str, reason: str) -> None:
-        super().__init__(f"Invalid setting {key}={value!r}: {reason}")
+        super().__init__(f"Invalid setting {key}={quote(value)}: {reason}")
         self.key = key
 
 
@@ -68,6 +70,29 @@ class Settings:
     max_kept_workspaces: int = 5
     log_level: str = "INFO"
     log_json: bool = False
+    # None: on for the embedded backend (local trials), off for supabase and postgres.
+    allow_fake_trainer: bool | None = None
+    allow_row_model_yaml: bool = False
+    supabase_models_bucket: str | None = None
+    agent_secret: str | None = None
+
+    def __post_init__(self) -> None:
+        # Whatever builds settings, their secrets are masked in every log line and message from now on.
+        register_secret(self.supabase_service_role_key)
+        register_secret(self.agent_secret)
+        register_secret(url_password(self.database_url))
+        register_secret(url_password(self.supabase_url))
+
+    @property
+    def fake_trainer_allowed(self) -> bool:
+        if self.allow_fake_trainer is not None:
+            return self.allow_fake_trainer
+        return self.backend == "embedded"
+
+    @property
+    def agent_secret_file(self) -> Path:
+        """Where the embedded backend keeps the key it signs checkpoints with."""
+        return self.data_dir / "agent_secret"
 
     @property
     def backend(self) -> Backend:
@@ -146,6 +171,20 @@ class Settings:
         for name in ("max_attempts", "max_concurrent_runs", "download_concurrency", "signed_url_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(name.upper(), str(getattr(self, name)), "must be >= 1")
+        if self.supabase_url:
+            try:
+                parts = urlsplit(self.supabase_url)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ConfigError(
+                    "SUPABASE_URL",
+                    self.supabase_url,
+                    "must be the project URL, https://<project>.supabase.co",
+                )
+        if self.agent_secret is not None and len(self.agent_secret) < 16:
+            raise ConfigError("AGENT_SECRET", "***", "must be at least 16 characters")
         if self.stale_after <= 2 * self.heartbeat_interval:
             raise ConfigError(
                 "STALE_AFTER", str(self.stale_after), "must be more than twice HEARTBEAT_INTERVAL"
@@ -201,7 +240,13 @@ def legacy_settings_present(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 # The trainer never talks to the database or Storage: it does not get their credentials.
-_CHILD_WITHHELD = ("DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_URL", "TEST_DATABASE_URL")
+_CHILD_WITHHELD = (
+    "DATABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_URL",
+    "TEST_DATABASE_URL",
+    "AGENT_SECRET",  # a trainer that could sign checkpoints could forge one
+)
 
 
 def tool_caches(settings: Settings) -> dict[str, Path]:

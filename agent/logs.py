@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from loguru import logger
+
+from agent.domain.redact import cap_record, log_line
 
 # A field is a hint for a person or a filter for a machine; a whole error text or a dict of every
 # dataset count belongs in the row or an artifact. Longer values are cut in the middle.
@@ -49,9 +52,48 @@ def _json_format(record: Any) -> str:
     return "{message}\n"
 
 
+def _stderr(message: str) -> None:
+    sys.stderr.write(log_line(message))
+    sys.stderr.flush()
+
+
+class _ToLoguru(logging.Handler):
+    """Libraries' stdlib warnings (realtime, httpx, …) go through the same capping and redaction."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        logger.bind(source=record.name).opt(exception=record.exc_info).log(level, message)
+
+
 def setup(level: str = "INFO", json: bool = False) -> None:
     logger.remove()
+    # Every record is capped field by field, and every line redacted as it goes out: no
+    # secret reaches a log. diagnose=False: a traceback never prints local variables (settings).
+    logger.configure(patcher=cap_record)  # type: ignore[arg-type]
     if json:
-        logger.add(sys.stderr, level=level.upper(), format=_json_format, serialize=True, enqueue=False)
+        logger.add(
+            _stderr,
+            level=level.upper(),
+            format=_json_format,
+            serialize=True,
+            enqueue=False,
+            diagnose=False,
+            backtrace=False,
+        )
     else:
-        logger.add(sys.stderr, level=level.upper(), format=_text_format, colorize=None)
+        logger.add(
+            _stderr,
+            level=level.upper(),
+            format=_text_format,
+            colorize=sys.stderr.isatty(),
+            diagnose=False,
+            backtrace=False,
+        )
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,10 +15,11 @@ from loguru import logger
 
 from agent import __version__
 from agent.backends import Backends
-from agent.config import Settings, child_environment, tool_caches
+from agent.config import ConfigError, Settings, child_environment, tool_caches
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.core.workspaces import WorkspacePolicy
+from agent.domain.redact import register_secret
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
 from agent.hardware import detect_hardware
@@ -144,7 +147,9 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
     )
 
     def resolver(request: TrainingRequest, task: Task) -> str:
-        return resolve_model(request, task, settings.weights_dir, offline)
+        return resolve_model(
+            request, task, settings.weights_dir, offline, allow_model_yaml=settings.allow_row_model_yaml
+        )
 
     deps = Deps(
         store=backends.store,
@@ -158,7 +163,10 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
             heartbeat_interval=settings.heartbeat_interval,
             checkpoint_interval=settings.checkpoint_interval,
             workspaces=WorkspacePolicy(settings.keep_failed_workspaces, settings.max_kept_workspaces),
+            allow_fake_trainer=settings.fake_trainer_allowed,
+            checkpoint_key=agent_secret(settings),
         ),
+        models=backends.models,
     )
     hardware = detect_hardware()
     worker = WorkerInfo(
@@ -182,6 +190,33 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         shutdown_mode=settings.shutdown_mode,
     )
     return Agent(deps, backends.events, loop)
+
+
+def agent_secret(settings: Settings) -> bytes | None:
+    """The key checkpoints are signed with: AGENT_SECRET, or on the embedded backend a generated one.
+
+    Only agents hold it (the trainer child does not get it), so a checkpoint that app roles could
+    have written to the bucket is never loaded unless an agent signed it.
+    """
+    if settings.agent_secret:
+        return settings.agent_secret.encode()
+    if settings.backend != "embedded":
+        logger.warning("AGENT_SECRET is not set: checkpoints are not signed and a rescued run starts over")
+        return None
+    path = settings.agent_secret_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    key = path.read_text().strip()
+    if len(key) < 16:
+        raise ConfigError("AGENT_SECRET", "***", f"the generated key in {path} is damaged; delete it")
+    register_secret(key)
+    return key.encode()
 
 
 def ensure_dirs(settings: Settings) -> None:

@@ -404,6 +404,8 @@ def agent_env(
         PYTHONPATH=str(REPO),
         YOLO_OFFLINE="1",
         YOLO_AUTOINSTALL="0",
+        # The benchmarks measure the agent around a fake trainer, off by default outside the embedded backend.
+        ALLOW_FAKE_TRAINER="1",
         # A bench that stops early must not wait for a run in flight: stop and requeue it.
         SHUTDOWN_MODE="release",
     )

@@ -22,6 +22,8 @@ class Backends:
     database_url: str | None = None
     # Remote dataset sources beyond plain HTTP (Supabase Storage), for the DatasetPreparer.
     dataset_sources: Mapping[str, SourceFactory] = field(default_factory=dict)
+    # The operator's models bucket (SUPABASE_MODELS_BUCKET), when set.
+    models: BlobStore | None = None
 
     async def close(self) -> None:
         for close in reversed(self.closers):

@@ -13,7 +13,7 @@ from typing import Literal
 from loguru import logger
 
 from agent.core.inflight import interrupt_for
-from agent.core.pipeline import Deps, RunControl, drain_final_writes, execute
+from agent.core.pipeline import Deps, RunControl, drain_final_writes, execute, finalize, unexpected_failure
 from agent.core.supervisor import Supervisor
 from agent.domain.errors import BackendError, BackendUnavailable
 from agent.domain.run import Canceled, Claimed, Failed, Hint, Lease, WorkerInfo, WorkerState
@@ -200,7 +200,13 @@ class Agent:
     async def _dispatcher(self) -> None:
         while True:
             hint = await self.hints.get()
-            await self._handle(hint)
+            try:
+                await self._handle(hint)
+            except Exception as exc:
+                # Nothing one run carries may stop the dispatcher, and with it every other run.
+                self._log.bind(run_id=hint.run_id, error=type(exc).__name__).opt(exception=exc).error(
+                    "hint handling failed; going on"
+                )
 
     async def _handle(self, hint: Hint) -> None:
         control = self.runs.get(hint.run_id)
@@ -232,10 +238,19 @@ class Agent:
         except BackendUnavailable as exc:
             # The update may have committed with its answer lost: the row says who won.
             self._log.bind(run_id=run_id).warning("claim answer lost, reconciling: {}", exc)
+        except Exception as exc:
+            # The claim may have committed and its row be unreadable: if the row says we won, the
+            # run is failed below, not left running with nobody to finish it.
+            self._log.bind(run_id=run_id, error=type(exc).__name__).warning("claimed row unreadable: {}", exc)
         try:
             row = await transient("claim reconcile", lambda: store.get(run_id))
         except (BackendUnavailable, BackendError) as exc:
             self._log.bind(run_id=run_id).warning("claim reconcile failed: {}", exc)
+            return None
+        except Exception as exc:
+            self._log.bind(run_id=run_id, error=type(exc).__name__).warning(
+                "claimed row unreadable, skipped: {}", exc
+            )
             return None
         if row is not None and row.worker_id == self.worker_id and row.status == RunStatus.RUNNING:
             return Claimed(Lease(run_id, self.worker_id, row.attempt), row)
@@ -254,9 +269,15 @@ class Agent:
         try:
             await self._register(WorkerStatus.BUSY)
             await execute(self.deps, claimed, control)
-        except Exception:
-            # execute() handles every failure of the run itself; this is a bug, logged loudly.
-            self._log.bind(run_id=run_id).exception("run pipeline crashed")
+        except Exception as exc:
+            # execute() fails the run on any error of its own; reaching here is a bug. Still a
+            # failure of this run, not a lost host: fail it rather than leave it to rescue.
+            log = self._log.bind(run_id=run_id, attempt=claimed.lease.attempt)
+            log.bind(error=type(exc).__name__).opt(exception=exc).error("run pipeline crashed")
+            try:
+                await finalize(self.deps, claimed.lease, Failed(unexpected_failure(exc)), log)
+            except Exception as again:
+                log.bind(error=type(again).__name__).error("could not fail the crashed run: {}", again)
         finally:
             self.runs.pop(run_id, None)
             if not self._stopping:

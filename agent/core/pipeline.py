@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 import mimetypes
 import shutil
 import time
@@ -27,9 +30,11 @@ from agent.domain.errors import (
     BackendUnavailable,
     DatasetError,
     InvalidRequest,
+    ModelNotFound,
     WeightsError,
 )
 from agent.domain.messages import EpochEnd
+from agent.domain.redact import error_message, quote, redact
 from agent.domain.request import Task, TrainingRequest, parse_request
 from agent.domain.results import summarize
 from agent.domain.run import Artifact, Canceled, Claimed, Completed, Failed, Lease, Outcome
@@ -56,6 +61,9 @@ class PipelineSettings:
     heartbeat_interval: float = 10.0
     checkpoint_interval: float = 300.0
     workspaces: WorkspacePolicy = field(default_factory=WorkspacePolicy)
+    allow_fake_trainer: bool = False
+    # The key checkpoints are signed with (AGENT_SECRET); None: no checkpoint is ever resumed.
+    checkpoint_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class Deps:
     trainer: Trainer
     resolve_model: ModelResolver
     settings: PipelineSettings
+    # The operator's models bucket (SUPABASE_MODELS_BUCKET): model files not in WEIGHTS_DIR.
+    models: BlobStore | None = None
 
 
 Interrupt = Literal["cancel", "release", "lost"]
@@ -121,18 +131,32 @@ async def execute(deps: Deps, claimed: Claimed, control: RunControl) -> None:
     log = logger.bind(run_id=lease.run_id, worker=lease.worker_id, attempt=lease.attempt)
     outcome: Outcome | None = None
     try:
-        outcome = await _execute(deps, claimed, control, log)
+        try:
+            outcome = await _run(deps, claimed, control, log)
+        except Exception as exc:
+            # A failure of this run, whatever it is, fails this run: rescue is for hosts that died,
+            # and a run that crashes its pipeline would crash it again on every host that claims it.
+            log.bind(error=type(exc).__name__).opt(exception=exc).error("run failed on an unexpected error")
+            outcome = Failed(unexpected_failure(exc))
         if outcome is not None:
             await finalize(deps, lease, outcome, log)
     finally:
         await _clear_workspace(deps, lease, isinstance(outcome, Failed), log)
 
 
-async def _execute(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> Outcome | None:
-    """The run's outcome for the final write; None when the run was released or taken away."""
+def unexpected_failure(exc: BaseException) -> str:
+    """The row's message for an error nobody anticipated: its kind and a short quote, no frames."""
+    return f"The run failed on an unexpected error: {type(exc).__name__}: {quote(str(exc))[1:-1]}."
+
+
+async def _run(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> Outcome | None:
     lease = claimed.lease
     try:
         request = parse_request(claimed.row)
+        if request.trainer == "fake" and not deps.settings.allow_fake_trainer:
+            raise InvalidRequest(
+                "trainer", "fake", "the fake trainer is turned off on this agent (ALLOW_FAKE_TRAINER)"
+            )
     except InvalidRequest as exc:
         log.info("run claimed")
         return Failed(str(exc))
@@ -157,12 +181,16 @@ async def _execute(deps: Deps, claimed: Claimed, control: RunControl, log: Any) 
         control.pid = proc.pid
         log.bind(pid=proc.pid, trainer=request.trainer).info("trainer started")
         heartbeat.cancel()
-        outcome = await _train(deps, lease, job, proc, control, log)
+        try:
+            return await _train(deps, lease, job, proc, control, log)
+        except BaseException:
+            # Whatever went wrong here, the trainer must not outlive its run.
+            await asyncio.shield(proc.stop("error"))
+            raise
     except _Interrupted as stop:
-        outcome = await _interrupted_before_training(deps, lease, stop.why, log)
+        return await _interrupted_before_training(deps, lease, stop.why, log)
     finally:
         heartbeat.cancel()
-    return outcome
 
 
 async def _clear_workspace(deps: Deps, lease: Lease, failed: bool, log: Any) -> None:
@@ -190,7 +218,7 @@ async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace
     dataset: PreparedDataset = await deps.datasets.prepare(request, lease.run_id, workspace)
     counts = {k: v for k, v in dataset.summary.items() if k in _DATASET_COUNTS}
     log.bind(task=dataset.task, seconds=round(time.monotonic() - started, 2), **counts).info("dataset ready")
-    model = deps.resolve_model(request, dataset.task)
+    model = await _model(deps, request, dataset.task, workspace, log)
     resume = await _fetch_checkpoint(deps, lease, workspace, log) if lease.attempt > 1 else None
     return TrainJob(lease.run_id, lease.attempt, request, workspace, dataset, model, resume)
 
@@ -207,18 +235,86 @@ def without_secrets(data_yaml: str) -> str:
 _DATASET_COUNTS = ("images", "labels", "instances", "dropped", "downloaded")
 
 
+async def _model(deps: Deps, request: TrainingRequest, task: Task, workspace: Path, log: Any) -> str:
+    """WEIGHTS_DIR first (resolve_model); a file name it lacks comes from the models bucket, if any."""
+    try:
+        return deps.resolve_model(request, task)
+    except ModelNotFound:
+        if deps.models is None:
+            raise
+    # The models bucket is the operator's (SUPABASE_MODELS_BUCKET), so its files are trusted like
+    # WEIGHTS_DIR's; base_model is a plain file name (request.py), so the key cannot climb.
+    name = request.base_model
+    dest = workspace / "model" / name
+    models = deps.models
+    try:
+        found = await transient("model download", lambda: models.download(name, dest))
+    except (BackendError, BackendUnavailable) as exc:
+        raise WeightsError(
+            f"Could not download the model {quote(name)} from the models bucket: {exc}."
+        ) from exc
+    if not found:
+        raise WeightsError(f"Model {quote(name)} is neither in WEIGHTS_DIR nor in the models bucket.")
+    log.bind(model=name).info("model downloaded from the models bucket")
+    return str(dest.resolve())
+
+
 async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Any) -> Path | None:
+    """The previous attempt's checkpoint, only if an agent signed it (a .pt is unpickled on load)."""
     dest = workspace / "resume" / "last.pt"
+    signature = workspace / "resume" / "last.pt.sig"
+    key = deps.settings.checkpoint_key
+    if key is None:
+        log.warning("no AGENT_SECRET to verify checkpoints with: not resuming, training starts over")
+        return None
     try:
         found = await transient(
             "checkpoint download", lambda: deps.blobs.download(checkpoint_key(lease.run_id), dest)
         )
+        signed = found and await transient(
+            "checkpoint signature download",
+            lambda: deps.blobs.download(checkpoint_signature_key(lease.run_id), signature),
+        )
     except (BackendError, BackendUnavailable) as exc:
         log.warning("no checkpoint to resume from: {}", exc)
         return None
-    if found:
-        log.bind(path=str(dest)).info("resuming from the previous attempt's checkpoint")
-    return dest if found else None
+    if not found:
+        return None
+    # Buckets and rows may be writable by the web app's roles: a checkpoint is loaded only if its
+    # hash carries this fleet's signature, i.e. an agent uploaded exactly these bytes for this run.
+    if not signed or not await asyncio.to_thread(verify_checkpoint, key, lease.run_id, dest, signature):
+        log.warning("checkpoint is not signed by an agent: ignored, training starts over")
+        await asyncio.to_thread(dest.unlink, True)
+        return None
+    log.bind(path=str(dest)).info("resuming from the previous attempt's checkpoint")
+    return dest
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sign_checkpoint(key: bytes, run_id: str, checkpoint: Path) -> str:
+    """The signature file's content: the checkpoint's SHA-256 and an HMAC of it under the agents' key."""
+    sha256 = _file_sha256(checkpoint)
+    mac = hmac.new(key, f"{run_id}:{sha256}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"run_id": run_id, "sha256": sha256, "hmac": mac})
+
+
+def verify_checkpoint(key: bytes, run_id: str, checkpoint: Path, signature: Path) -> bool:
+    """Whether `signature` is an agent's signature of exactly these bytes, for this run."""
+    try:
+        claimed = json.loads(signature.read_text()[:4096])
+        mac = str(claimed["hmac"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    sha256 = _file_sha256(checkpoint)
+    expected = hmac.new(key, f"{run_id}:{sha256}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(mac, expected)
 
 
 async def _train(
@@ -258,7 +354,7 @@ async def _train(
             await writer
 
     if tracker.done is None:
-        return Failed(_crash_message(exit_, tracker))
+        return await _crashed(deps, lease, job, exit_, tracker, log)
     log.bind(seconds=round(time.monotonic() - started, 2), epochs=tracker.epochs_done).debug(
         "training finished"
     )
@@ -360,6 +456,10 @@ def checkpoint_key(run_id: str) -> str:
     return artifact_key(run_id, "checkpoints/last.pt")
 
 
+def checkpoint_signature_key(run_id: str) -> str:
+    return artifact_key(run_id, "checkpoints/last.pt.sig")
+
+
 async def upload_artifacts(blobs: BlobStore, run_id: str, save_dir: Path) -> list[Artifact]:
     """Weights, results.csv, args.yaml and plots, concurrently, each retried on transient errors."""
     files = await asyncio.to_thread(_artifact_files, save_dir)
@@ -411,6 +511,16 @@ class _CheckpointUploader:
             await transient(
                 "checkpoint upload", lambda: self._deps.blobs.upload(key, snapshot, content_type(path))
             )
+            secret = self._deps.settings.checkpoint_key
+            if secret is not None:
+                signature = snapshot.with_name("last.upload.pt.sig")
+                text = await asyncio.to_thread(sign_checkpoint, secret, self._lease.run_id, snapshot)
+                await asyncio.to_thread(signature.write_text, text)
+                sig_key = checkpoint_signature_key(self._lease.run_id)
+                await transient(
+                    "checkpoint signature upload",
+                    lambda: self._deps.blobs.upload(sig_key, signature, "application/json"),
+                )
             self._log.bind(key=key).info("checkpoint uploaded")
         except (AgentError, OSError) as exc:
             self._log.warning("checkpoint upload failed: {}", exc)
@@ -488,15 +598,50 @@ async def _until_interrupted(control: RunControl, work: Awaitable[T]) -> T:
     raise _Interrupted(why)
 
 
-def _crash_message(exit_: ChildExit, tracker: ProgressTracker) -> str:
+TRAIN_LOG = "train.log"
+CHILD_LOG = "child.log"  # the trainer's stdout and stderr in its workspace (training/supervisor.py)
+_TRAIN_LOG_LINES = 200
+_TRAIN_LOG_BYTES = 256 * 1024
+
+
+async def _crashed(
+    deps: Deps, lease: Lease, job: TrainJob, exit_: ChildExit, tracker: ProgressTracker, log: Any
+) -> Failed:
+    """The trainer ended without finishing: a short message; its log tail goes to train.log."""
     reason = tracker.error or f"Training process exited with code {exit_.returncode}"
-    tail = [line for line in exit_.tail if line.strip()][-8:]
-    message = reason if not tail else f"{reason}\n" + "\n".join(tail)
-    return message[-4000:]
+    reason = quote(reason.strip().splitlines()[-1] if reason.strip() else reason)[1:-1]
+    source = job.workspace / CHILD_LOG
+    target = job.workspace / TRAIN_LOG
+    try:
+        await asyncio.to_thread(_write_train_log, source, target, exit_.tail)
+        key = artifact_key(lease.run_id, TRAIN_LOG)
+        url = await transient("upload train.log", lambda: deps.blobs.upload(key, target, "text/plain"))
+    except (AgentError, OSError) as exc:
+        log.warning("could not store the trainer's log: {}", exc)
+        return Failed(f"Training failed: {reason}.")
+    artifact = Artifact(name=TRAIN_LOG, path=key, url=url)
+    return Failed(
+        f"Training failed: {reason}. The trainer's last log lines are in the run's {TRAIN_LOG} artifact.",
+        results={"artifacts": [artifact.as_json()]},
+    )
+
+
+def _write_train_log(source: Path, target: Path, tail: tuple[str, ...]) -> None:
+    """The last lines of the child's log, redacted, for the web app's users to download."""
+    lines: list[str] = list(tail)
+    if source.is_file():
+        with source.open("rb") as f:
+            f.seek(max(0, source.stat().st_size - _TRAIN_LOG_BYTES))
+            text = f.read().decode("utf-8", errors="replace").replace("\r", "\n")
+        lines = [line for line in text.split("\n") if line.strip()]
+    target.write_text("\n".join(redact(line) for line in lines[-_TRAIN_LOG_LINES:]) + "\n")
 
 
 async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None:
     """The final write: retried until it lands, and shielded from the agent's own cancellation."""
+    if isinstance(outcome, Failed):
+        # The web app shows error_message to its users: short, redacted, no traceback.
+        outcome = Failed(error_message(outcome.error_message), outcome.results)
     task = asyncio.ensure_future(until_it_lands("final write", lambda: deps.store.finish(lease, outcome)))
     _final_writes.add(task)
     task.add_done_callback(_final_writes.discard)

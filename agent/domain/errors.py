@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from agent.domain.redact import quote
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -14,7 +16,9 @@ class InvalidRequest(AgentError):
         self.key = key
         self.value = value
         self.reason = reason
-        super().__init__(f"Invalid training request: {key}={value!r}: {reason}")
+        # The value is the row's, so it is quoted short: the message goes back to the web app.
+        shown = "" if value is None else f"={quote(value)}"
+        super().__init__(f"Invalid training request: {quote(key, 80)[1:-1]}{shown}: {reason}")
 
 
 class DatasetError(AgentError):
@@ -23,6 +27,10 @@ class DatasetError(AgentError):
 
 class WeightsError(AgentError):
     """The requested base model weights are unavailable; the run fails."""
+
+
+class ModelNotFound(WeightsError):
+    """A model file named by the run is not in WEIGHTS_DIR (it may still be in the models bucket)."""
 
 
 class TrainingFailed(AgentError):

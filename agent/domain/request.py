@@ -6,7 +6,6 @@ InvalidRequest naming the key, so the run fails with a message the user can act 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from typing import Literal
 
 from agent.domain.errors import InvalidRequest
 from agent.domain.run import RunRow
+from agent.domain.untrusted import MAX_STRING_CHARS, Unreadable, json_problem, load_json
 
 Task = Literal["detect", "segment"]
 TrainerKind = Literal["ultralytics", "fake"]
@@ -45,7 +45,15 @@ AUGMENTATION_RANGES: dict[str, tuple[float, float]] = {
     "mixup": (0.0, 1.0),
     "copy_paste": (0.0, 1.0),
 }
-_HUB_MODEL = re.compile(r"^yolov8([nsmlx])(-seg)?$", re.IGNORECASE)
+# Known models: the name in the row, and the weights ultralytics publishes for it.
+_HUB_MODEL = re.compile(r"^(yolov8|yolo11)([nsmlx])(-seg)?$", re.IGNORECASE)
+_HUB_WEIGHTS = re.compile(r"^(yolov8|yolo11)[nsmlx](-seg)?\.(pt|yaml)$")
+# Any other model is a plain file name, resolved only inside WEIGHTS_DIR (or the models bucket):
+# no folder, no `..`, no scheme, so a row can never point the trainer at a file it left elsewhere.
+_MODEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_FILE_SUFFIXES = (".pt",)
+MODEL_YAML_SUFFIXES = (".yaml", ".yml")
+MAX_DATA_YAML_CHARS = MAX_STRING_CHARS
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|\d+(\s*,\s*\d+)*)$", re.IGNORECASE)
 MIN_IMGSZ, MAX_IMGSZ = 32, 4096
 
@@ -90,12 +98,16 @@ def configuration_of(raw: object) -> dict[str, object]:
     if isinstance(raw, str):
         if not raw.strip():
             return {}
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest("configuration", _short(raw), f"is not valid JSON ({exc.msg})") from exc
+        if raw.lstrip()[:1] not in ("{", "["):
+            raise InvalidRequest("configuration", raw, "must be a JSON object")
+        raw = load_json(raw)
+    if isinstance(raw, Unreadable):
+        raise InvalidRequest("configuration", None, raw.reason)
     if not isinstance(raw, dict):
-        raise InvalidRequest("configuration", _short(raw), "must be a JSON object")
+        raise InvalidRequest("configuration", raw, "must be a JSON object")
+    problem = json_problem(raw)
+    if problem:
+        raise InvalidRequest("configuration", None, problem)
     return {str(k): v for k, v in raw.items()}
 
 
@@ -110,15 +122,13 @@ def parse_request(row: RunRow) -> TrainingRequest:
         )
     if not isinstance(data_yaml, str) or not data_yaml.strip():
         raise InvalidRequest("data_yaml", data_yaml, "must be a non-empty string")
+    if len(data_yaml) > MAX_DATA_YAML_CHARS:
+        raise InvalidRequest("data_yaml", data_yaml, f"is longer than {MAX_DATA_YAML_CHARS} characters")
+    if "\x00" in data_yaml:
+        raise InvalidRequest("data_yaml", data_yaml, "must not contain NUL characters")
 
     base_model = _first(row.base_model, cfg.get("baseModel"), cfg.get("base_model")) or DEFAULT_BASE_MODEL
-    if not isinstance(base_model, str):
-        raise InvalidRequest("base_model", base_model, "must be a string")
-    base_model = base_model.strip()
-    if not (_HUB_MODEL.match(base_model) or base_model.endswith((".pt", ".yaml", ".yml"))):
-        raise InvalidRequest(
-            "base_model", base_model, "unknown model: use YOLOv8n|s|m|l|x, or a .pt or .yaml path"
-        )
+    base_model = check_base_model(base_model)
 
     task = _task(cfg)
     epochs = _int(cfg, "epochs", 100, low=1, high=100_000)
@@ -164,13 +174,41 @@ def parse_request(row: RunRow) -> TrainingRequest:
     )
 
 
+def check_base_model(value: object) -> str:
+    """A known model name or a plain model file name; InvalidRequest for anything else."""
+    if not isinstance(value, str):
+        raise InvalidRequest("base_model", value, "must be a string")
+    name = value.strip()
+    known = "use YOLOv8n|s|m|l|x or YOLO11n|s|m|l|x, or the file name of a model in WEIGHTS_DIR"
+    if _HUB_MODEL.match(name):
+        return name
+    if "://" in name or name.lower().startswith(("storage:", "http:", "https:", "file:")):
+        raise InvalidRequest("base_model", value, f"must not be a URL; {known}")
+    if "/" in name or "\\" in name or name.startswith("~"):
+        raise InvalidRequest("base_model", value, f"must be a file name, not a path; {known}")
+    if ".." in name:
+        raise InvalidRequest("base_model", value, f"must not contain '..'; {known}")
+    if not _MODEL_FILE.match(name) or not name.lower().endswith(MODEL_FILE_SUFFIXES + MODEL_YAML_SUFFIXES):
+        raise InvalidRequest("base_model", value, f"unknown model; {known}")
+    return name
+
+
+def is_model_yaml(name: str) -> bool:
+    return name.lower().endswith(MODEL_YAML_SUFFIXES)
+
+
+def is_hub_weights(name: str) -> bool:
+    """A weights or yaml name ultralytics itself publishes (downloadable, or packaged)."""
+    return _HUB_WEIGHTS.match(name) is not None
+
+
 def model_reference(base_model: str, task: Task, pretrained: bool) -> str:
-    """`YOLOv8n` → `yolov8n.pt` / `yolov8n-seg.pt` (or `.yaml` from scratch); paths unchanged."""
+    """`YOLOv8n` → `yolov8n.pt` / `yolov8n-seg.pt` (or `.yaml` from scratch); file names unchanged."""
     m = _HUB_MODEL.match(base_model)
     if m is None:
         return base_model
     suffix = "-seg" if task == "segment" else ""
-    return f"yolov8{m.group(1).lower()}{suffix}.{'pt' if pretrained else 'yaml'}"
+    return f"{m.group(1).lower()}{m.group(2).lower()}{suffix}.{'pt' if pretrained else 'yaml'}"
 
 
 def _first(*values: object) -> object:
@@ -200,9 +238,13 @@ def _task(cfg: Mapping[str, object]) -> Task | None:
 def _number(key: str, value: object) -> float:
     if isinstance(value, bool):
         raise InvalidRequest(key, value, "must be a number, not a boolean")
+    if isinstance(value, int) and value.bit_length() > 64:
+        raise InvalidRequest(key, value, "is out of range")
     if isinstance(value, (int, float)):
         result = float(value)
     elif isinstance(value, str):
+        if len(value) > 64:
+            raise InvalidRequest(key, value, "must be a number")
         try:
             result = float(value.strip())
         except ValueError:
@@ -290,10 +332,10 @@ def _augmentation(cfg: Mapping[str, object], notes: list[str]) -> dict[str, floa
     """
     value = cfg.get("augmentation")
     if isinstance(value, str) and value.strip():
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest("augmentation", _short(value), f"is not valid JSON ({exc.msg})") from exc
+        # Decoded within the same limits as the configuration it came in (agent/domain/untrusted.py).
+        value = load_json(value)
+        if isinstance(value, Unreadable):
+            raise InvalidRequest("augmentation", None, value.reason)
     if value is None or value == "":
         value = {}
     if not isinstance(value, dict):

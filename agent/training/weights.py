@@ -1,7 +1,14 @@
-"""Which model the child should build: a model yaml, a local weights file, or a name to download.
+"""Which model the child should build: a known model, or a model file from WEIGHTS_DIR.
 
 Runs in the parent before the child starts, so an offline host without the weights fails the
 run at once with a clear message instead of ultralytics trying (and hanging on) a download.
+
+Trust: ultralytics unpickles `.pt` files and evaluates strings in model YAMLs (`parse_model`),
+so a model may only come from a trusted place. `base_model` is the row's, hence untrusted;
+request.py allows only a known name or a plain file name, and this module resolves a file name
+only inside WEIGHTS_DIR, the operator's folder. A file the agent itself downloaded for a run (a
+dataset, a listing) is never a model. Known names resolve to ultralytics' own weights (its
+release downloads, into WEIGHTS_DIR) or, from scratch, to the model YAMLs packaged with it.
 """
 
 from __future__ import annotations
@@ -9,69 +16,65 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.domain.errors import WeightsError
-from agent.domain.request import Task, TrainingRequest, model_reference
+from agent.domain.errors import ModelNotFound, WeightsError
+from agent.domain.redact import quote
+from agent.domain.request import Task, TrainingRequest, is_hub_weights, is_model_yaml, model_reference
 
-_YAML_SUFFIXES = (".yaml", ".yml")
 
+def resolve_model(
+    request: TrainingRequest,
+    task: Task,
+    weights_dir: Path | None,
+    offline: bool,
+    *,
+    allow_model_yaml: bool = False,
+) -> str:
+    """A reference for `YOLO(...)`; raises WeightsError when the model is refused or unavailable.
 
-def resolve_model(request: TrainingRequest, task: Task, weights_dir: Path | None, offline: bool) -> str:
-    """A reference for `YOLO(...)`; raises WeightsError when weights are missing and not downloadable."""
-    # The result is an absolute path, the name of a yaml ultralytics ships, or (online) a bare
-    # weights name that ultralytics downloads.
+    The result is an absolute path inside WEIGHTS_DIR, the bare name of a YAML ultralytics ships,
+    or (online, no WEIGHTS_DIR) the bare name of weights ultralytics downloads from its releases.
+    """
     ref = model_reference(request.base_model, task, request.pretrained)
-    path = Path(ref).expanduser()
-    if ref.lower().endswith(_YAML_SUFFIXES):
-        # A bare name such as 'yolov8n.yaml' is one of the yamls ultralytics ships; keep it as is
-        # unless a file of that name is at hand. The child runs in the workspace, so paths go absolute.
-        for candidate in _candidates(path, weights_dir):
-            if candidate.is_file():
-                return str(candidate.resolve())
-        if len(path.parts) > 1 or path.is_absolute():
-            raise WeightsError(f"Model file {ref!r} not found.")
-        return ref
-    searched = _candidates(path, weights_dir)
-    for candidate in searched:
-        if candidate.is_file():
-            return str(candidate.resolve())
-    downloadable = not path.is_absolute() and len(path.parts) == 1
-    if downloadable and not offline:
-        # Ultralytics knows where to download its own weights from; given a path in WEIGHTS_DIR it
-        # saves them there, so the next run on this host finds them instead of downloading again.
+    hub = is_hub_weights(ref)
+    if is_model_yaml(ref):
+        if hub:
+            return ref  # packaged with ultralytics: trusted; yolo.py makes sure it is that file
+        if not allow_model_yaml:
+            raise WeightsError(
+                f"Model YAML {quote(ref)} refused: model YAMLs from runs are not accepted on this agent "
+                "(ALLOW_ROW_MODEL_YAML). Use a known model name, or weights in WEIGHTS_DIR."
+            )
+    found = _in_weights_dir(ref, weights_dir)
+    if found is not None:
+        return str(found)
+    settings_dir = _ultralytics_weights_dir() if hub else None
+    if settings_dir is not None and (settings_dir / ref).is_file():
+        return str((settings_dir / ref).resolve())
+    if hub and not offline:
+        # Ultralytics downloads its own weights; given a path in WEIGHTS_DIR it saves them there,
+        # so the next run on this host finds them instead of downloading again.
         if weights_dir is not None and weights_dir.expanduser().is_dir():
-            return str((weights_dir.expanduser() / path).resolve())
+            return str((weights_dir.expanduser() / ref).resolve())
         return ref
-    places = ", ".join(str(p.parent) for p in searched) or "nowhere"
     where = f"WEIGHTS_DIR ({weights_dir})" if weights_dir is not None else "WEIGHTS_DIR (not set)"
-    if downloadable:
+    if hub:
         raise WeightsError(
-            f"Base model weights {ref!r} are not available: not found in {where} or in {places}, "
-            f"and this host is offline so they cannot be downloaded. Put {ref} into WEIGHTS_DIR, "
+            f"Base model weights {quote(ref)} are not available: not found in {where}, and this host "
+            f"is offline so they cannot be downloaded. Put {ref} into WEIGHTS_DIR, "
             'or train from scratch: `saturnos-agent submit --scratch`, or "pretrained": false in the '
             "configuration."
         )
-    raise WeightsError(
-        f"Base model weights {ref!r} not found (looked in {places}). Check the path or WEIGHTS_DIR, "
-        'or train from scratch: `saturnos-agent submit --scratch`, or "pretrained": false in the '
-        "configuration."
-    )
+    raise ModelNotFound(f"Model file {quote(ref)} not found in {where}.")
 
 
-def _candidates(path: Path, weights_dir: Path | None) -> list[Path]:
-    if path.is_absolute():
-        return [path]
-    found: list[Path] = []
-    if weights_dir is not None:
-        found.append(weights_dir.expanduser() / path)
-    found.append(Path.cwd() / path)
-    settings_dir = _ultralytics_weights_dir()
-    if settings_dir is not None:
-        found.append(settings_dir / path)
-    unique: list[Path] = []
-    for p in found:
-        if p not in unique:
-            unique.append(p)
-    return unique
+def _in_weights_dir(name: str, weights_dir: Path | None) -> Path | None:
+    """`weights_dir / name` when it is a file there; `name` is a plain file name (request.py)."""
+    if weights_dir is None or Path(name).name != name or name in ("", ".", ".."):
+        return None
+    root = weights_dir.expanduser()
+    candidate = root / name
+    # Links inside WEIGHTS_DIR are the operator's own choice, so they are followed.
+    return candidate.resolve() if candidate.is_file() else None
 
 
 def _ultralytics_weights_dir() -> Path | None:

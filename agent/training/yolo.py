@@ -87,7 +87,11 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
             print(restart, file=sys.stderr, flush=True)
             note = "; ".join(n for n in (note, restart) if n)
             job = replace(job, resume_from=None)
-    source = str(job.resume_from) if job.resume_from is not None else job.model
+    source = str(job.resume_from) if job.resume_from is not None else trusted_model(job.model)
+    # Trusted sources only: YOLO() unpickles a .pt and evaluates strings of a model YAML. `source`
+    # is a checkpoint whose signature the parent verified, a file in WEIGHTS_DIR or the operator's
+    # models bucket, a weights name ultralytics downloads from its releases, or a YAML packaged
+    # with ultralytics (agent/training/weights.py).
     model = YOLO(source, task=dataset.task)
     reporter = _Reporter(control, device_note=note)
     for event, callback in reporter.callbacks().items():
@@ -95,6 +99,24 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     model.train(**train_arguments(job, device))
     # A stop that comes after the last validation is too late to save anything: report Done.
     reporter.done()
+
+
+def trusted_model(model: str) -> str:
+    """`model`, after making sure a bare name cannot pick up a file from the workspace.
+
+    Ultralytics looks a bare name up in the working directory (the run's workspace, where the
+    dataset was downloaded) before its own packaged files and releases; a file of that name there
+    would be loaded instead of ultralytics' own.
+    """
+    if Path(model).is_absolute():
+        return model
+    path = Path(model)
+    # A scaled YAML name (yolov8n.yaml) is read as its unscaled file (yolov8.yaml).
+    unified = path.with_stem(re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", path.stem))
+    for name in (path, unified):
+        if name.exists():
+            raise RuntimeError(f"refusing to load the model {model!r}: a file {name} is in the workspace")
+    return model
 
 
 def prepare_offline(workspace: Path, environ: MutableMapping[str, str]) -> Path:
@@ -195,6 +217,8 @@ def _not_resumable(checkpoint: Path) -> str:
     if not checkpoint.is_file():
         return "file missing"  # and never let ultralytics look for it online
     load: Callable[[str], tuple[Any, str]] = tasks.torch_safe_load
+    # Unpickles: `checkpoint` is the previous attempt's, loaded only after the parent checked the
+    # agents' HMAC of its hash (core/pipeline.py `_fetch_checkpoint`).
     try:
         ckpt, _ = load(str(checkpoint))
     except Exception as exc:

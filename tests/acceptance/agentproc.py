@@ -35,6 +35,7 @@ def base_env(database_url: str, data_dir: Path, **overrides: str) -> dict[str, s
         STOP_GRACE="2",
         KILL_GRACE="2",
         PYTHONPATH=str(REPO),
+        ALLOW_FAKE_TRAINER="1",
     )
     env.update(overrides)
     return env

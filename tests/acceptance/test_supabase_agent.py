@@ -84,6 +84,7 @@ def agent_env(project: Project, data_dir: Path, worker_id: str, **extra: str) ->
         OFFLINE="1",
         LOG_JSON="1",
         PYTHONPATH=str(REPO),
+        ALLOW_FAKE_TRAINER="1",
     )
     env.update(extra)
     return env

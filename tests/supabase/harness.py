@@ -46,6 +46,7 @@ def settings_for(server: StandIn, data_dir: Path, **overrides: Any) -> Settings:
         "supabase_service_role_key": server.service_role_key,
         "data_dir": data_dir,
         "worker_id": "test-worker",
+        "allow_fake_trainer": True,
         **overrides,
     }
     return Settings(**values)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain.errors import WeightsError
+from agent.domain.errors import ModelNotFound, WeightsError
 from agent.domain.request import FakeOptions
 from agent.ports import PreparedDataset
 from agent.training.jobfile import read_job, write_job
@@ -46,12 +46,32 @@ def test_weights_are_found_in_weights_dir_first(tmp_path: Path) -> None:
     assert resolve_model(req, "segment", tmp_path, offline=True) == str(tmp_path / "yolov8n-seg.pt")
 
 
-def test_an_explicit_weights_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "mine.pt").write_bytes(b"weights")
+def test_a_model_file_name_is_resolved_only_inside_weights_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "mine.pt").write_bytes(b"weights")
+    (tmp_path / "elsewhere.pt").write_bytes(b"not the operator's")
     monkeypatch.chdir(tmp_path)
-    req = helpers.request(base_model="models/mine.pt")
-    assert resolve_model(req, "detect", None, offline=True) == str(tmp_path / "models" / "mine.pt")
+    assert resolve_model(helpers.request(base_model="mine.pt"), "detect", weights, offline=True) == str(
+        weights / "mine.pt"
+    )
+    # A file in the working directory is not a model, whatever its name.
+    with pytest.raises(ModelNotFound, match="WEIGHTS_DIR"):
+        resolve_model(helpers.request(base_model="elsewhere.pt"), "detect", weights, offline=False)
+
+
+def test_model_yamls_are_refused_unless_the_operator_allows_them(tmp_path: Path) -> None:
+    (tmp_path / "custom.yaml").write_text("nc: 1\n")
+    req = helpers.request(base_model="custom.yaml")
+    with pytest.raises(WeightsError, match="ALLOW_ROW_MODEL_YAML"):
+        resolve_model(req, "detect", tmp_path, offline=True)
+    allowed = resolve_model(req, "detect", tmp_path, offline=True, allow_model_yaml=True)
+    assert allowed == str(tmp_path / "custom.yaml")
+    # The packaged YAML of a known model stays usable: `pretrained: false`.
+    scratch = helpers.request(base_model="YOLO11s", pretrained=False)
+    assert resolve_model(scratch, "segment", tmp_path, offline=True) == "yolo11s-seg.yaml"
 
 
 def test_missing_weights_offline_fail_clearly(tmp_path: Path) -> None:
@@ -71,9 +91,9 @@ def test_missing_weights_online_are_left_to_download(tmp_path: Path) -> None:
     assert resolve_model(req, "detect", tmp_path, offline=False) == str(tmp_path.resolve() / "yolov8m.pt")
 
 
-def test_a_missing_weights_path_fails_even_online(tmp_path: Path) -> None:
-    req = helpers.request(base_model=str(tmp_path / "nope.pt"))
-    with pytest.raises(WeightsError, match=r"nope\.pt"):
+def test_a_missing_weights_file_fails_even_online(tmp_path: Path) -> None:
+    req = helpers.request(base_model="nope.pt")
+    with pytest.raises(ModelNotFound, match=r"nope\.pt"):
         resolve_model(req, "detect", None, offline=False)
 
 

@@ -14,7 +14,7 @@ from loguru import logger
 
 from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
 from agent.core.agent import Agent, LoopSettings
-from agent.core.pipeline import Deps, PipelineSettings
+from agent.core.pipeline import Deps, PipelineSettings, sign_checkpoint
 from agent.core.progress import ProgressTracker, hhmmss
 from agent.core.supervisor import Supervisor
 from agent.core.workspaces import KEPT_MARKER, WorkspacePolicy, clean_workspaces
@@ -114,6 +114,9 @@ class Harness:
         await asyncio.wait_for(self.task, 10)
 
 
+AGENT_KEY = b"k" * 32
+
+
 def harness(tmp_path: Path, epoch_seconds: float = 0.02, **loop: object) -> Harness:
     store = MemoryStore()
     events = MemoryEvents(store)
@@ -125,7 +128,9 @@ def harness(tmp_path: Path, epoch_seconds: float = 0.02, **loop: object) -> Harn
         datasets=NoDatasets(),
         trainer=trainer,
         resolve_model=resolve,
-        settings=PipelineSettings(runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2),
+        settings=PipelineSettings(
+            runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2, checkpoint_key=AGENT_KEY
+        ),
     )
     settings = LoopSettings(worker=WorkerInfo("w1", "host", "test"), **loop)  # type: ignore[arg-type]
     return Harness(store, events, blobs, trainer, Agent(deps, events, settings))
@@ -283,16 +288,34 @@ def test_progress_tracker_percent_and_eta() -> None:
     assert hhmmss(None) is None and hhmmss(59.6) == "00:01:00"
 
 
-async def test_a_rescued_run_resumes_from_the_uploaded_checkpoint(tmp_path: Path) -> None:
+async def test_a_rescued_run_resumes_only_from_a_checkpoint_an_agent_signed(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(b"checkpoint of attempt 1")
+    forged = tmp_path / "forged.pt"
+    forged.write_bytes(b"written by someone with bucket access")
     async with harness(tmp_path / "runs") as h:
-        run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=1), attempt=1)
-        await h.blobs.upload(f"training_runs/{run_id}/checkpoints/last.pt", ckpt, "application/octet-stream")
-        await wait_for(lambda: _done(h, run_id), timeout=5)
-    job = h.trainer.started[0].job
-    assert h.store.runs[run_id].attempt == 2
-    assert job.resume_from is not None and h.trainer.resumed_from == [b"checkpoint of attempt 1"]
+        # Held back (status completed) until their objects are in place, then queued.
+        signed, unsigned, tampered = (
+            h.store.insert_row(
+                data_yaml="d.yaml", configuration=run_config(epochs=1), attempt=1, status="completed"
+            )
+            for _ in range(3)
+        )
+        for run_id in (signed, unsigned, tampered):
+            key = f"training_runs/{run_id}/checkpoints/last.pt"
+            await h.blobs.upload(key, forged if run_id == tampered else ckpt, "application/octet-stream")
+        for run_id in (signed, tampered):
+            sig = tmp_path / f"{run_id}.sig"
+            sig.write_text(sign_checkpoint(AGENT_KEY, run_id, ckpt))
+            await h.blobs.upload(f"training_runs/{run_id}/checkpoints/last.pt.sig", sig, "application/json")
+        for run_id in (signed, unsigned, tampered):
+            h.store.set_fields(run_id, status="queued")
+        await wait_for(lambda: all(_done(h, r) for r in (signed, unsigned, tampered)), timeout=10)
+    jobs = {started.job.run_id: started.job for started in h.trainer.started}
+    assert h.store.runs[signed].attempt == 2
+    # Workspaces are gone after their runs: the trainer kept what it was handed.
+    assert jobs[signed].resume_from is not None and h.trainer.resumed_from == [b"checkpoint of attempt 1"]
+    assert jobs[unsigned].resume_from is None and jobs[tampered].resume_from is None
 
 
 async def test_checkpoints_are_uploaded_during_training(tmp_path: Path) -> None:
@@ -304,6 +327,7 @@ async def test_checkpoints_are_uploaded_during_training(tmp_path: Path) -> None:
         run_id = h.store.insert_row(data_yaml="d.yaml", configuration=run_config(epochs=3))
         await wait_for(lambda: _done(h, run_id), timeout=5)
     assert f"training_runs/{run_id}/checkpoints/last.pt" in h.blobs.objects
+    assert f"training_runs/{run_id}/checkpoints/last.pt.sig" in h.blobs.objects
 
 
 async def test_a_cancel_during_a_wait_mode_shutdown_still_stops_the_run(tmp_path: Path) -> None:

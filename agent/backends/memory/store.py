@@ -36,6 +36,7 @@ from agent.domain.run import (
     new_run_columns,
 )
 from agent.domain.status import RunStatus, is_claimable
+from agent.domain.untrusted import Unreadable, load_json
 
 Clock = Callable[[], datetime]
 ChangeWatcher = Callable[[Hint], object]
@@ -54,6 +55,14 @@ def _utcnow() -> datetime:
 def _as_jsonb(value: Any) -> Any:
     """A detached copy as Postgres would store it in a jsonb column."""
     return json.loads(json.dumps(json_safe(value)))
+
+
+def _read_jsonb(value: Any) -> Any:
+    """A stored json column as the agent reads it: within limits, like the real stores decode it."""
+    try:
+        return load_json(json.dumps(json_safe(value)))
+    except (RecursionError, ValueError, TypeError) as exc:
+        return Unreadable(f"is not readable JSON ({type(exc).__name__})")
 
 
 @dataclass
@@ -126,7 +135,7 @@ def _row(rec: Record) -> RunRow | None:
         status=status,
         data_yaml=rec.data_yaml,
         base_model=rec.base_model,
-        configuration=_as_jsonb(rec.configuration),
+        configuration=_read_jsonb(rec.configuration),
         cancel_requested=bool(rec.cancel_requested),
         worker_id=rec.worker_id,
         attempt=rec.attempt,
@@ -137,7 +146,7 @@ def _row(rec: Record) -> RunRow | None:
         canceled_at=rec.canceled_at,
         error_message=rec.error_message,
         trained_model_url=rec.trained_model_url,
-        results=_as_jsonb(rec.results) if isinstance(rec.results, dict) else None,
+        results=results if isinstance(results := _read_jsonb(rec.results), dict) else None,
     )
 
 

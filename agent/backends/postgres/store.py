@@ -13,7 +13,7 @@ import psycopg
 from loguru import logger
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from agent.backends.postgres.sqlfiles import query
 from agent.domain.errors import BackendError, BackendUnavailable
@@ -37,6 +37,7 @@ from agent.domain.run import (
     new_run_columns,
 )
 from agent.domain.status import RunStatus
+from agent.domain.untrusted import load_json
 
 Conn = psycopg.AsyncConnection[DictRow]
 
@@ -105,13 +106,17 @@ class _Connections:
         self._closed = False
 
     async def _open(self) -> Conn:
-        return await psycopg.AsyncConnection.connect(
+        conn = await psycopg.AsyncConnection.connect(
             self._conninfo,
             autocommit=True,
             row_factory=dict_row,
             connect_timeout=max(1, math.ceil(self._connect_timeout)),
             application_name=self._application_name,
         )
+        # json/jsonb columns are the row's, so untrusted: decoded within limits, never raising (a
+        # too deep or too big configuration comes back as Unreadable and fails only its run).
+        set_json_loads(load_json, conn)
+        return conn
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:

@@ -14,6 +14,7 @@ from agent.backends.supabase.store import SupabaseStore, parse_row
 from agent.backends.supabase.transport import ServerUnavailable, http_client
 from agent.config import Settings
 from agent.domain.errors import BackendError, MissingPrivilege
+from agent.domain.redact import redact
 
 __all__ = [
     "ServerUnavailable",
@@ -75,7 +76,12 @@ async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> 
         raise BackendError("the supabase backend needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
     http = http_client()
     try:
-        client = await connect_client(url, key, http)
+        try:
+            client = await connect_client(url, key, http)
+        except Exception as exc:  # the client validates the URL and key with its own exception types
+            raise BackendError(
+                f"cannot use SUPABASE_URL/SUPABASE_SERVICE_ROLE_KEY: {redact(str(exc))}"
+            ) from exc
         store = SupabaseStore(client)
         try:
             await store.probe()
@@ -92,6 +98,10 @@ async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> 
             settings.signed_url_ttl,
         )
         await blobs.ensure_bucket()
+        # Trusted like WEIGHTS_DIR, so it must be a bucket the web app's roles cannot write.
+        models = None
+        if settings.supabase_models_bucket:
+            models = SupabaseBlobs(client.storage, settings.supabase_models_bucket)
         events = SupabaseEvents(
             realtime_factory(client),
             topic=f"saturnos-agent:{settings.worker_id}",
@@ -110,4 +120,5 @@ async def open_supabase(settings: Settings, *, tuning: Tuning | None = None) -> 
         blobs=blobs,
         closers=[http.aclose],
         dataset_sources=storage_sources(client.storage, http, url),
+        models=models,
     )

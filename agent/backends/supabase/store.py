@@ -54,12 +54,16 @@ from agent.domain.run import (
     new_run_columns,
 )
 from agent.domain.status import CLAIMABLE_STATUSES, RunStatus, WorkerStatus
+from agent.domain.untrusted import Unreadable, json_problem, load_json
 
 RUNS = "training_runs"
 WORKERS = "trainer_workers"
+# The row's JSON columns come as text and are decoded here within limits (agent.domain.untrusted):
+# decoded by the HTTP client, a configuration nested a few thousand levels deep would raise a
+# RecursionError out of the claim itself, after the claim committed.
 ROW_COLUMNS = (
-    "id,status,data_yaml,base_model,configuration,cancel_requested,worker_id,attempt,created_at,"
-    "started_at,heartbeat_at,completed_at,canceled_at,error_message,trained_model_url,results"
+    "id,status,data_yaml,base_model,configuration::text,cancel_requested,worker_id,attempt,created_at,"
+    "started_at,heartbeat_at,completed_at,canceled_at,error_message,trained_model_url,results::text"
 )
 _CLAIMABLE = sorted(s.value for s in CLAIMABLE_STATUSES)
 _LIVE = [RunStatus.RUNNING.value, RunStatus.CANCELING.value]  # statuses an owner may still write
@@ -154,22 +158,34 @@ def _time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _json_column(value: object) -> object:
+    """A json column read as text (`::text`) decoded within limits; a decoded one checked."""
+    if isinstance(value, str):
+        return load_json(value)
+    problem = json_problem(value)
+    return Unreadable(problem) if problem else value
+
+
+def _text(value: object) -> str | None:
+    return value if value is None or isinstance(value, str) else str(value)
+
+
 def parse_row(record: Mapping[str, Any]) -> RunRow | None:
     """A PostgREST row as a RunRow; None (with a warning) for a status the agent does not know."""
     try:
         status = RunStatus(str(record.get("status")))
     except ValueError:
-        logger.bind(run_id=str(record.get("id")), status=record.get("status")).warning(
+        logger.bind(run_id=str(record.get("id")), status=str(record.get("status"))).warning(
             "skipping a run with an unknown status"
         )
         return None
-    results = record.get("results")
+    results = _json_column(record.get("results"))
     return RunRow(
         id=str(record["id"]),
         status=status,
-        data_yaml=record.get("data_yaml"),
-        base_model=record.get("base_model"),
-        configuration=record.get("configuration"),
+        data_yaml=_text(record.get("data_yaml")),
+        base_model=_text(record.get("base_model")),
+        configuration=_json_column(record.get("configuration")),
         cancel_requested=bool(record.get("cancel_requested")),
         worker_id=record.get("worker_id"),
         attempt=int(record.get("attempt") or 0),
@@ -299,8 +315,8 @@ class SupabaseStore:
         return parse_row(rows[0]) if rows else None
 
     async def _read_results(self, lease: Lease, what: str) -> tuple[bool, object]:
-        rows = await self._rows(_fenced(self._runs().select("results"), lease).limit(1), what)
-        return (True, rows[0].get("results")) if rows else (False, None)
+        rows = await self._rows(_fenced(self._runs().select("results::text"), lease).limit(1), what)
+        return (True, _json_column(rows[0].get("results"))) if rows else (False, None)
 
     async def touch(self, lease: Lease, results: Mapping[str, Any] | None = None) -> Pulse | None:
         if _uuid(lease.run_id) is None:
