@@ -55,25 +55,29 @@ def load_json(raw: str | bytes | bytearray | memoryview) -> object:
 def json_problem(value: object) -> str | None:
     """Why a decoded JSON value is over the limits; None when it is within them. Iterative."""
     items = 0
-    stack: list[tuple[object, int]] = [(value, 0)]
+    stack: list[tuple[object, int, str]] = [(value, 0, "")]
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
+        at = f" (at {path[:80]})" if path else ""
         if depth > MAX_JSON_DEPTH:
             return f"is nested more than {MAX_JSON_DEPTH} levels deep"
         if isinstance(node, int) and not isinstance(node, bool) and node.bit_length() > 128:
-            return "holds a number too large to read"
+            return f"holds a number too large to read{at}"
         if isinstance(node, str):
             if len(node) > MAX_STRING_CHARS:
-                return f"holds a string of {len(node)} characters, more than the {MAX_STRING_CHARS} allowed"
+                return (
+                    f"holds a string of {len(node)} characters{at}, more than the {MAX_STRING_CHARS} allowed"
+                )
         elif isinstance(node, dict):
             items += len(node)
             for key, child in node.items():
-                if isinstance(key, str) and len(key) > MAX_STRING_CHARS:
-                    return f"holds a key of {len(key)} characters, more than the {MAX_STRING_CHARS} allowed"
-                stack.append((child, depth + 1))
+                name = str(key)
+                if len(name) > MAX_STRING_CHARS:
+                    return f"holds a key of {len(name)} characters, more than the {MAX_STRING_CHARS} allowed"
+                stack.append((child, depth + 1, f"{path}.{name}" if path else name))
         elif isinstance(node, (list, tuple)):
             items += len(node)
-            stack.extend((child, depth + 1) for child in node)
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(node))
         if items > MAX_JSON_ITEMS:
             return f"has more than {MAX_JSON_ITEMS} keys and items"
     return None
