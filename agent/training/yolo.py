@@ -204,7 +204,8 @@ def train_arguments(job: TrainJob, device: str) -> dict[str, Any]:
     if request.seed is not None:
         args["seed"] = request.seed
     if job.resume_from is not None:
-        # Ultralytics takes the checkpoint's own arguments on resume, including its old save_dir.
+        # Ultralytics unpickles this checkpoint again to resume: it is the one the parent verified
+        # (signed by an agent). It takes the checkpoint's own arguments, including its old save_dir.
         args["resume"] = str(job.resume_from)
         args["save_dir"] = str(save_dir)
     return args

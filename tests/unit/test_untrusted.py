@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from agent.domain.request import parse_request
 from agent.domain.run import RunRow
 from agent.domain.status import RunStatus
 from agent.domain.untrusted import MAX_JSON_DEPTH, Unreadable, load_json
+from agent.wiring import agent_secret
 
 
 def row(configuration: Any = None, **cols: Any) -> RunRow:
@@ -148,3 +151,13 @@ def test_fake_trainer_defaults_by_backend_and_settings_hold_no_clear_secret() ->
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"SUPABASE_URL": "not a url:sekr1tpw@", "SUPABASE_SERVICE_ROLE_KEY": "k" * 20})
     assert "sekr1tpw" not in str(err.value) and "SUPABASE_URL" in str(err.value)
+
+
+def test_the_embedded_backend_generates_its_agent_secret_once_private(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    key = agent_secret(settings)
+    assert key is not None and len(key) >= 32 and agent_secret(settings) == key
+    assert stat.S_IMODE(settings.agent_secret_file.stat().st_mode) == 0o600
+    assert agent_secret(Settings(data_dir=tmp_path, agent_secret="s" * 20)) == b"s" * 20
+    assert agent_secret(Settings(data_dir=tmp_path / "pg", database_url="postgresql://h/db")) is None
+    assert key.decode() not in redact(f"key {key.decode()}")
