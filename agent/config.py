@@ -34,8 +34,9 @@ def _default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     supabase_url: str | None = None
-    supabase_service_role_key: str | None = None
-    database_url: str | None = None
+    # Secrets stay out of repr(settings), which a traceback or a debug line could show.
+    supabase_service_role_key: str | None = field(default=None, repr=False)
+    database_url: str | None = field(default=None, repr=False)
     data_dir: Path = field(default_factory=_default_data_dir)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     dataset_root: Path | None = None
@@ -74,7 +75,7 @@ class Settings:
     allow_fake_trainer: bool | None = None
     allow_row_model_yaml: bool = False
     supabase_models_bucket: str | None = None
-    agent_secret: str | None = None
+    agent_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Whatever builds settings, their secrets are masked in every log line and message from now on.
