@@ -140,5 +140,5 @@ def test_key_settings_are_masked_in_the_settings_error(setting: str, tmp_path: P
     env[setting] = "short" if setting == "AGENT_SECRET" else env[setting]
     env["POLL_INTERVAL"] = "-1"  # any invalid setting: the message must not carry the key
     done = cli("doctor", env=env)
-    assert done.returncode == 2
+    assert done.returncode != 0 and "POLL_INTERVAL" in done.stdout + done.stderr
     assert_clean(done.stdout + done.stderr, PASSWORD)
