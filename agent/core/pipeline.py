@@ -213,7 +213,9 @@ async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace
     """Dataset into the workspace, weights located, previous attempt's checkpoint fetched."""
     await asyncio.to_thread(workspace.mkdir, parents=True, exist_ok=True)
     if request.trainer == "fake":
-        return TrainJob(lease.run_id, lease.attempt, request, workspace, None, "fake")
+        # No dataset or model, but a checkpoint as a real training would resume it.
+        resume = await _fetch_checkpoint(deps, lease, workspace, log) if lease.attempt > 1 else None
+        return TrainJob(lease.run_id, lease.attempt, request, workspace, None, "fake", resume)
     started = time.monotonic()
     dataset: PreparedDataset = await deps.datasets.prepare(request, lease.run_id, workspace)
     counts = {k: v for k, v in dataset.summary.items() if k in _DATASET_COUNTS}
