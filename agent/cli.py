@@ -22,7 +22,7 @@ from agent import __version__, logs
 from agent.config import ConfigError, Settings, legacy_settings_present
 from agent.core.pipeline import without_secrets
 from agent.domain.errors import AgentError, InvalidRequest
-from agent.domain.redact import redact
+from agent.domain.redact import error_message, redact
 from agent.domain.request import DEFAULT_BASE_MODEL, parse_request
 from agent.domain.run import NewRun, RunRow
 from agent.domain.status import RunStatus
@@ -70,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `saturnos-agent show RUN --json | head`: the reader left, nothing is wrong.
         sys.stderr.close()
         return OK
+    except Exception as exc:
+        # A bug, not an operator's mistake: its traceback goes through the log's redaction, never
+        # straight to stderr where it could carry a URL with its password.
+        logger.opt(exception=exc).error("unexpected error")
+        print(
+            f"saturnos-agent: unexpected error: {type(exc).__name__}: {error_message(str(exc))}",
+            file=sys.stderr,
+        )
+        return FAILED
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
