@@ -15,6 +15,7 @@ import pytest
 from agent.datasets.synthetic import make_dataset
 from tests.acceptance import hostile
 from tests.acceptance.agentproc import AgentProc, base_env
+from tests.acceptance.test_secrets import PASSWORD, with_password
 from tests.acceptance.test_supabase_agent import Project, agent_env, project  # noqa: F401
 from tests.util import wait_for_sync
 
@@ -78,13 +79,12 @@ def agents() -> Iterator[list[AgentProc]]:
 def test_hostile_rows_on_postgres(
     database_url: str, tmp_path: Path, dataset: Path, agents: list[AgentProc]
 ) -> None:
-    env = base_env(
-        database_url, tmp_path / "agent", WORKER_ID="corpus", **operator_folders(tmp_path, dataset)
-    )
+    folders = operator_folders(tmp_path, dataset)
+    env = base_env(with_password(database_url), tmp_path / "agent", WORKER_ID="corpus", **folders)
     agent = AgentProc(env, tmp_path / "agent.log").start()
     agents.append(agent)
     agent.wait_ready(60)
-    run_corpus(agent, database_url, dataset, ())
+    run_corpus(agent, database_url, dataset, (PASSWORD,))
 
 
 def test_hostile_rows_on_the_supabase_stand_in(
