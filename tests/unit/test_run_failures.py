@@ -8,8 +8,8 @@ from pathlib import Path
 from agent.backends.memory import MemoryBlobs
 from agent.domain.errors import ModelNotFound
 from agent.domain.request import Task, TrainingRequest
-from agent.ports import PreparedDataset
-from tests.unit.test_core import Harness, _done, harness, run_config
+from agent.ports import PreparedDataset, TrainJob
+from tests.unit.test_core import Harness, ScriptedProcess, ScriptedTrainer, _done, harness, run_config
 from tests.util import wait_for
 
 
@@ -20,6 +20,17 @@ class BrokenDatasets:
 
 def not_in_weights_dir(request: TrainingRequest, task: Task) -> str:
     raise ModelNotFound(f"Model file {request.base_model!r} not found in WEIGHTS_DIR.")
+
+
+@dataclasses.dataclass
+class ModelReadingTrainer(ScriptedTrainer):
+    """Keeps the model file's bytes at start: the workspace is gone once the run ends."""
+
+    models: list[bytes] = dataclasses.field(default_factory=list)
+
+    async def start(self, job: TrainJob) -> ScriptedProcess:
+        self.models.append(Path(job.model).read_bytes())
+        return await super().start(job)
 
 
 def with_deps(h: Harness, **changes: object) -> Harness:
@@ -45,13 +56,17 @@ async def test_a_model_missing_from_weights_dir_comes_from_the_models_bucket(tmp
     source = tmp_path / "mine.pt"
     source.write_bytes(b"operator weights")
     await models.upload("mine.pt", source, "application/octet-stream")
-    async with with_deps(harness(tmp_path / "runs"), models=models, resolve_model=not_in_weights_dir) as h:
+    trainer = ModelReadingTrainer()
+    h = with_deps(
+        harness(tmp_path / "runs"), models=models, resolve_model=not_in_weights_dir, trainer=trainer
+    )
+    async with h:
         found = h.store.insert_row(data_yaml="d.yaml", base_model="mine.pt", configuration=run_config(1))
         missing = h.store.insert_row(data_yaml="d.yaml", base_model="other.pt", configuration=run_config(1))
         await wait_for(lambda: _done(h, found) and _done(h, missing), timeout=5)
     assert h.store.runs[found].status == "completed"
-    model = Path(h.trainer.started[0].job.model)
-    assert model.read_bytes() == b"operator weights" and model.is_relative_to(tmp_path / "runs")
+    assert Path(trainer.started[0].job.model).is_relative_to(tmp_path / "runs")
+    assert trainer.models == [b"operator weights"]
     assert "neither in WEIGHTS_DIR nor in the models bucket" in (h.store.runs[missing].error_message or "")
 
 
