@@ -9,6 +9,7 @@ from tests.acceptance.agentproc import AgentProc, base_env, insert_run, wait_sta
 from tests.util import wait_for_sync
 
 SECRET = "fleet-secret-0123456789abcdef"
+REFUSED = "checkpoint is not signed by an agent: ignored, training starts over"
 LONG = {"trainer": "fake", "epochs": 40, "fakeEpochSeconds": 0.2}
 
 
@@ -43,15 +44,13 @@ def test_only_an_agent_signed_checkpoint_is_resumed(database_url: str, tmp_path:
         second.start().wait_ready(60)
         for run_id in (honest, forged):
             assert wait_status(database_url, run_id, "running", "completed", timeout=30)["attempt"] == 2
-        resumed = wait_for_sync(
-            lambda: {r["run_id"] for r in second.logged("resuming from the previous attempt's checkpoint")},
-            timeout=30,
-            what="a resume",
-        )
-        refused = {
-            r["run_id"]
-            for r in second.logged("checkpoint is not signed by an agent: ignored, training starts over")
-        }
+
+        def decided() -> tuple[set[str], set[str]] | None:
+            resumed = {r["run_id"] for r in second.logged("resuming from the previous attempt's checkpoint")}
+            refused = {r["run_id"] for r in second.logged(REFUSED)}
+            return (resumed, refused) if len(resumed | refused) >= 2 else None
+
+        resumed, refused = wait_for_sync(decided, timeout=30, what="both runs resumed or refused")
         assert resumed == {honest} and refused == {forged}
     finally:
         first.kill()
