@@ -169,7 +169,10 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         dest="base_model",
         metavar="MODEL",
-        help=f"YOLOv8n|s|m|l|x, or a .pt/.yaml path (default: {DEFAULT_BASE_MODEL})",
+        help=(
+            "YOLOv8n|s|m|l|x, YOLO11n|s|m|l|x, or a model file name in WEIGHTS_DIR "
+            f"(default: {DEFAULT_BASE_MODEL})"
+        ),
     )
     submit.add_argument("--task", choices=("detect", "segment"), help="(default: inferred from the labels)")
     submit.add_argument("--epochs", type=int, metavar="N", help="(default: 100)")
