@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 class Project:
     url: str
     service_role_key: str
+    anon_key: str
     proc: subprocess.Popen[str]
 
 
@@ -60,7 +61,7 @@ def project(database_url: str, tmp_path: Path) -> Iterator[Project]:
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
-        yield Project(info["url"], info["service_role_key"], proc)
+        yield Project(info["url"], info["service_role_key"], info["anon_key"], proc)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -246,7 +247,7 @@ def quiet_agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
 
 
 async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
-    app: AsyncClient, quiet_agent: AgentProc
+    app: AsyncClient, project: Project, quiet_agent: AgentProc
 ) -> None:
     agent = quiet_agent
     await wait_agent_ready(agent)
@@ -269,9 +270,10 @@ async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
 
     # The trainer's start is written at once; after it, nothing for 30 s.
     await wait_for(trainer_start_written, timeout=20, what="trainer start written")
-    # TrainingConfiguration.jsx's delete button: only the Realtime DELETE event can stop the
-    # trainer this soon.
-    await app.table("training_runs").delete().eq("id", run_id).execute()
+    # TrainingConfiguration.jsx's delete button, with the browser's anon key (the agent's
+    # service role has no DELETE): only the Realtime DELETE event can stop the trainer this soon.
+    browser = await acreate_client(project.url, project.anon_key)
+    await browser.table("training_runs").delete().eq("id", run_id).execute()
     deleted = time.monotonic()
     await wait_for(lambda: not pid_alive(pid), timeout=10, interval=0.01, what="trainer gone")
     assert time.monotonic() - deleted < 3.0
