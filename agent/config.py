@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -17,6 +18,9 @@ from agent.domain.redact import quote, register_secret, url_password
 Backend = Literal["supabase", "postgres", "embedded"]
 ShutdownMode = Literal["wait", "release"]
 UrlMode = Literal["public", "signed"]
+
+
+_GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/-]+)$")
 
 
 class ConfigError(AgentError):
@@ -55,7 +59,9 @@ class Settings:
     checkpoint_interval: float = 300.0
     stale_after: float = 120.0
     max_attempts: int = 3
-    max_concurrent_runs: int = 1
+    max_concurrent_runs: int | None = None  # None: one per device
+    devices: str | None = None  # None: every visible CUDA device, else the CPU
+    metrics_port: int | None = None  # None: no metrics or health endpoint
     shutdown_mode: ShutdownMode = "wait"
     stop_grace: float = 3.0
     kill_grace: float = 3.0
@@ -102,6 +108,21 @@ class Settings:
         if self.database_url:
             return "postgres"
         return "embedded"
+
+    @property
+    def device_list(self) -> tuple[str, ...] | None:
+        """DEVICES as a tuple ("cpu",) or GPU indexes/UUIDs; None to detect them."""
+        if self.devices is None or self.devices.strip().lower() in ("", "auto"):
+            return None
+        items = tuple(d.strip() for d in self.devices.split(",") if d.strip())
+        if items == ("cpu",):
+            return items
+        bad = [d for d in items if not _GPU_ID.match(d)]
+        if not items or bad or len(set(items)) != len(items):
+            raise ConfigError(
+                "DEVICES", self.devices, "must be cpu, auto, or distinct GPU indexes or UUIDs (0,1,2,3)"
+            )
+        return items
 
     @property
     def runs_root(self) -> Path:
@@ -169,7 +190,7 @@ class Settings:
                 raise ConfigError("ALLOWED_DATASET_ROOTS", str(root), "every folder must be an absolute path")
         if self.dataset_relist_after < 0:
             raise ConfigError("DATASET_RELIST_AFTER", str(self.dataset_relist_after), "must be >= 0")
-        for name in ("max_attempts", "max_concurrent_runs", "download_concurrency", "signed_url_ttl"):
+        for name in ("max_attempts", "download_concurrency", "signed_url_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(name.upper(), str(getattr(self, name)), "must be >= 1")
         if self.supabase_url:
@@ -186,6 +207,11 @@ class Settings:
                 )
         if self.agent_secret is not None and len(self.agent_secret) < 16:
             raise ConfigError("AGENT_SECRET", "***", "must be at least 16 characters")
+        if self.max_concurrent_runs is not None and self.max_concurrent_runs < 1:
+            raise ConfigError("MAX_CONCURRENT_RUNS", str(self.max_concurrent_runs), "must be >= 1")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigError("METRICS_PORT", str(self.metrics_port), "must be a TCP port, 1-65535")
+        _ = self.device_list  # raises on a bad DEVICES
         if self.stale_after <= 2 * self.heartbeat_interval:
             raise ConfigError(
                 "STALE_AFTER", str(self.stale_after), "must be more than twice HEARTBEAT_INTERVAL"
@@ -238,6 +264,22 @@ LEGACY_SETTINGS = ("CANCEL_CHECK_INTERVAL", "TIMESTAMP_STREAMS", "SUPABASE_STORA
 def legacy_settings_present(env: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if env is None else env
     return [k for k in LEGACY_SETTINGS if k in env]
+
+
+def cuda_visible_devices(env: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves this agent (() when it hides them all); None when unset."""
+    env = os.environ if env is None else env
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    items = tuple(d.strip() for d in raw.split(",") if d.strip())
+    # CUDA stops at the first invalid entry, "-1" included.
+    valid: list[str] = []
+    for item in items:
+        if not _GPU_ID.match(item):
+            break
+        valid.append(item)
+    return tuple(valid)
 
 
 # The trainer never talks to the database or Storage: it does not get their credentials.

@@ -120,7 +120,7 @@ RUN_COLUMNS = _words(
 )
 WORKER_COLUMNS = _words(
     "worker_id status last_seen host gpus version slots current_run current_runs "
-    "device_type compute_type gpu_name gpu_memory_gb cpu_model ram_gb"
+    "free_slots device_type compute_type gpu_name gpu_memory_gb cpu_model ram_gb"
 )
 TABLES = {"training_runs": RUN_COLUMNS, "trainer_workers": WORKER_COLUMNS}
 # What the agent's SQL (agent/backends/postgres/sql) and PostgREST calls read and write.
@@ -135,7 +135,7 @@ GRANTS = (
         ),
         "agent",
     ),
-    Grant("trainer_workers", "SELECT", ("worker_id",), "agent"),
+    Grant("trainer_workers", "SELECT", ("worker_id", "slots", "gpus"), "agent"),
     Grant("trainer_workers", "INSERT", WORKER_COLUMNS, "agent"),
     Grant("trainer_workers", "UPDATE", WORKER_COLUMNS[1:], "agent"),
     Grant(

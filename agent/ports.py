@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from agent.domain.messages import TrainerMessage
 from agent.domain.request import Task, TrainingRequest
@@ -65,6 +65,10 @@ class RunStore(Protocol):
     async def rescue_stale(self, stale_after_s: float, max_attempts: int) -> RescueReport: ...
 
     async def register_worker(self, worker: WorkerInfo, state: WorkerState) -> None: ...
+
+    async def largest_worker(self) -> int:
+        """The most GPUs one registered worker can give a single run (0 when none has a GPU)."""
+        ...
 
 
 class RunAdmin(Protocol):
@@ -129,6 +133,9 @@ class TrainJob:
     dataset: PreparedDataset | None  # None for the fake trainer
     model: str  # resolved weights path or model yaml, ready for YOLO(...)
     resume_from: Path | None = None
+    # The devices this run holds, as CUDA_VISIBLE_DEVICES pins them for the child (None: not pinned;
+    # "": no GPU at all); request.device is already rewritten to the child's view of them.
+    visible_devices: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,3 +164,75 @@ class TrainingProcess(Protocol):
 
 class Trainer(Protocol):
     async def start(self, job: TrainJob) -> TrainingProcess: ...
+
+
+RunEnd = Literal["completed", "failed", "canceled"]
+
+
+class Metrics(Protocol):
+    """What the core counts for operators; an adapter exports it (Prometheus), or nothing does."""
+
+    def run_claimed(self, pickup_seconds: float | None) -> None:
+        """A claim won; `pickup_seconds` from the row's created_at, when known."""
+        ...
+
+    def claim_conflict(self) -> None:
+        """A claim lost to another worker (or the run stopped being claimable)."""
+        ...
+
+    def run_finished(self, outcome: RunEnd) -> None: ...
+
+    def cancel_stopped(self, seconds: float) -> None:
+        """From hearing a cancel to the trainer's whole process group being gone."""
+        ...
+
+    def stream_subscribed(self, first: bool) -> None:
+        """The event stream (re)subscribed; `first` is False for every reconnect."""
+        ...
+
+    def catch_up(self, missed: int) -> None:
+        """A catch-up poll ran; `missed` claimable runs in it had come with no event."""
+        ...
+
+    def checkpoint_uploaded(self, ok: bool) -> None: ...
+
+
+class NoMetrics:
+    """Metrics off: every count is dropped."""
+
+    def run_claimed(self, pickup_seconds: float | None) -> None:
+        pass
+
+    def claim_conflict(self) -> None:
+        pass
+
+    def run_finished(self, outcome: RunEnd) -> None:
+        pass
+
+    def cancel_stopped(self, seconds: float) -> None:
+        pass
+
+    def stream_subscribed(self, first: bool) -> None:
+        pass
+
+    def catch_up(self, missed: int) -> None:
+        pass
+
+    def checkpoint_uploaded(self, ok: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What /healthz and /readyz answer from."""
+
+    alive: bool  # the agent loop is serving (not yet stopped)
+    database: bool  # the last poll or registry write reached the database
+    stream: bool  # the event stream is subscribed
+    polling: bool  # the last poll succeeded (the agent works without events, just slower)
+    slots_busy: int
+    slots_total: int
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.database and (self.stream or self.polling)

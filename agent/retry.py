@@ -18,12 +18,27 @@ from tenacity import (
 from agent.domain.errors import BackendUnavailable
 
 T = TypeVar("T")
+RetryObserver = Callable[[str], None]
+
+# Told the operation's name at every retry (the metrics adapter counts them); process-wide.
+_observers: list[RetryObserver] = []
+
+
+def add_retry_observer(observer: RetryObserver) -> Callable[[], None]:
+    """Call `observer(what)` before every retry; returns a function that removes it."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer) if observer in _observers else None
 
 
 def _log_retry(what: str) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         logger.bind(op=what, attempt=state.attempt_number).warning("retrying after transient error: {}", exc)
+        for observer in list(_observers):
+            try:
+                observer(what)
+            except Exception:
+                logger.bind(op=what).exception("retry observer failed")
 
     return before_sleep
 

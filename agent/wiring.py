@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,14 +18,16 @@ from loguru import logger
 
 from agent import __version__
 from agent.backends import Backends
-from agent.config import ConfigError, Settings, child_environment, tool_caches
-from agent.core.agent import Agent, LoopSettings
+from agent.config import ConfigError, Settings, child_environment, cuda_visible_devices, tool_caches
+from agent.core.agent import Agent, LoopSettings, Service
 from agent.core.pipeline import Deps, PipelineSettings
+from agent.core.slots import CPU
 from agent.core.workspaces import WorkspacePolicy
 from agent.domain.redact import register_secret
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
 from agent.hardware import detect_hardware
+from agent.ports import NoMetrics
 
 if TYPE_CHECKING:
     from agent.backends.postgres.embedded import EmbeddedPostgres
@@ -115,7 +120,70 @@ def detect_gpus() -> tuple[str, ...]:
     return detect_hardware().gpus
 
 
-def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Agent:
+@dataclass(frozen=True)
+class Gpu:
+    index: str
+    uuid: str
+    name: str
+    memory_gb: float | None
+
+
+def query_gpus() -> tuple[Gpu, ...]:
+    """The host's GPUs from nvidia-smi (which ignores CUDA_VISIBLE_DEVICES), without torch."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    fields = "index,uuid,name,memory.total"
+    try:
+        out = subprocess.run(
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = []
+    for line in out.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            memory: float | None = round(float(parts[3]) / 1024, 1)
+        except ValueError:
+            memory = None
+        gpus.append(Gpu(parts[0], parts[1], parts[2], memory))
+    return tuple(gpus)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    devices: tuple[str, ...]  # what runs get pinned to; ("cpu",) for none
+    names: tuple[str, ...]  # a GPU name per device (empty on the CPU)
+    memory_gb: float | None
+
+
+def plan_devices(settings: Settings, gpus: tuple[Gpu, ...] | None = None) -> DevicePlan:
+    """DEVICES, else CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists, else the CPU."""
+    devices = settings.device_list
+    if devices is None:
+        visible = cuda_visible_devices()
+        if visible is not None:
+            devices = visible or (CPU,)
+        else:
+            gpus = query_gpus() if gpus is None else gpus
+            devices = tuple(g.index for g in gpus) or (CPU,)
+    if devices == (CPU,):
+        return DevicePlan(devices, (), None)
+    known = {key: g for g in (query_gpus() if gpus is None else gpus) for key in (g.index, g.uuid)}
+    names = tuple(known[d].name if d in known else f"GPU {d}" for d in devices)
+    first = known.get(devices[0])
+    return DevicePlan(devices, names, first.memory_gb if first else None)
+
+
+def build_agent(
+    settings: Settings, backends: Backends, *, offline: bool, plan: DevicePlan | None = None
+) -> Agent:
     from agent.datasets import DatasetPreparer, DiskSpace, SourcePolicy
     from agent.datasets.disk import GB
     from agent.training.supervisor import ChildTrainer
@@ -151,7 +219,15 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
             request, task, settings.weights_dir, offline, allow_model_yaml=settings.allow_row_model_yaml
         )
 
+    plan = plan or plan_devices(settings)
+    slots = settings.max_concurrent_runs or len(plan.devices)
+    metrics = None
+    if settings.metrics_port is not None:
+        from agent.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
     deps = Deps(
+        metrics=metrics or NoMetrics(),
         store=backends.store,
         blobs=backends.blobs,
         datasets=datasets,
@@ -173,15 +249,17 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         worker_id=settings.worker_id,
         host=socket.gethostname(),
         version=__version__,
-        gpus=hardware.gpus,
-        slots=settings.max_concurrent_runs,
-        gpu_memory_gb=hardware.gpu_memory_gb,
+        # The GPUs this agent trains on (DEVICES), not every GPU of the host.
+        gpus=plan.names,
+        slots=slots,
+        gpu_memory_gb=plan.memory_gb,
         cpu_model=hardware.cpu_model,
         ram_gb=hardware.ram_gb,
     )
     loop = LoopSettings(
         worker=worker,
-        max_concurrent_runs=settings.max_concurrent_runs,
+        max_concurrent_runs=slots,
+        devices=plan.devices,
         poll_interval=settings.poll_interval,
         degraded_poll_interval=settings.degraded_poll_interval,
         heartbeat_interval=settings.heartbeat_interval,
@@ -189,7 +267,15 @@ def build_agent(settings: Settings, backends: Backends, *, offline: bool) -> Age
         max_attempts=settings.max_attempts,
         shutdown_mode=settings.shutdown_mode,
     )
-    return Agent(deps, backends.events, loop)
+    services: dict[str, Service] = {}
+    if metrics is not None and settings.metrics_port is not None:
+        from agent.metrics import serve
+
+        port = settings.metrics_port
+        # `agent` is bound below, before the agent runs its services.
+        services["metrics endpoint"] = lambda: serve(port, metrics, agent.health, backends.events)
+    agent = Agent(deps, backends.events, loop, services)
+    return agent
 
 
 def agent_secret(settings: Settings) -> bytes | None:

@@ -90,13 +90,18 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-def parse_args(argv: Sequence[str] | None = None, backends: bool = False) -> Any:
+def parse_args(
+    argv: Sequence[str] | None = None, backends: bool = False, flags: dict[str, str] | None = None
+) -> Any:
+    """--quick, --backend when `backends`, and the on/off `flags` (name: help) of one script."""
     import argparse
 
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="the short variant (each script < 5 min)")
     if backends:
         p.add_argument("--backend", choices=("postgres", "supabase"), default="postgres")
+    for name, help_ in (flags or {}).items():
+        p.add_argument(name, action="store_true", help=help_)
     return p.parse_args(argv)
 
 

@@ -15,7 +15,7 @@ import mimetypes
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, assert_never
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from loguru import logger
 
 from agent.core.progress import ProgressTracker, hhmmss
+from agent.core.slots import Allocation, child_device
 from agent.core.workspaces import WorkspacePolicy, clean_workspaces
 from agent.domain.errors import (
     AgentError,
@@ -42,7 +43,10 @@ from agent.ports import (
     BlobStore,
     ChildExit,
     Datasets,
+    Metrics,
+    NoMetrics,
     PreparedDataset,
+    RunEnd,
     RunStore,
     Trainer,
     TrainingProcess,
@@ -76,6 +80,8 @@ class Deps:
     settings: PipelineSettings
     # The operator's models bucket (SUPABASE_MODELS_BUCKET): model files not in WEIGHTS_DIR.
     models: BlobStore | None = None
+    metrics: Metrics = field(default_factory=NoMetrics)
+    devices: Allocation | None = None  # what this run holds; set per run by the agent loop
 
 
 Interrupt = Literal["cancel", "release", "lost"]
@@ -174,6 +180,10 @@ async def _run(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> O
         except (DatasetError, WeightsError) as exc:
             return Failed(str(exc))
 
+        if deps.devices is not None:
+            device = child_device(job.request.device, deps.devices.devices)
+            request = replace(job.request, device=device)
+            job = replace(job, request=request, visible_devices=deps.devices.visible)
         try:
             proc = await deps.trainer.start(job)
         except OSError as exc:
@@ -389,6 +399,8 @@ async def _stop_training(
         await _write_canceling(deps, lease, log)
     exit_ = await stopping
     latency = None if control.cancel_heard_at is None else time.monotonic() - control.cancel_heard_at
+    if why == "cancel" and latency is not None:
+        deps.metrics.cancel_stopped(latency)
     log.bind(reason=why, returncode=exit_.returncode, stop_s=latency and round(latency, 3)).info(
         "trainer stopped"
     )
@@ -524,8 +536,10 @@ class _CheckpointUploader:
                     lambda: self._deps.blobs.upload(sig_key, signature, "application/json"),
                 )
             self._log.bind(key=key).info("checkpoint uploaded")
+            self._deps.metrics.checkpoint_uploaded(ok=True)
         except (AgentError, OSError) as exc:
             self._log.warning("checkpoint upload failed: {}", exc)
+            self._deps.metrics.checkpoint_uploaded(ok=False)
 
     async def drain(self) -> None:
         if self._task is not None:
@@ -649,6 +663,8 @@ async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None
     task.add_done_callback(_final_writes.discard)
     landed = await asyncio.shield(task)
     status = type(outcome).__name__.lower()
+    if landed:
+        deps.metrics.run_finished(_end_of(outcome))
     if not landed:
         log.bind(outcome=status).warning("final write matched no row: the lease was lost")
     elif isinstance(outcome, Failed):
@@ -666,6 +682,16 @@ async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None
 
 def _rounded(value: object) -> object:
     return round(value, 4) if isinstance(value, float) else value
+
+
+def _end_of(outcome: Outcome) -> RunEnd:
+    if isinstance(outcome, Completed):
+        return "completed"
+    if isinstance(outcome, Failed):
+        return "failed"
+    if isinstance(outcome, Canceled):
+        return "canceled"
+    assert_never(outcome)
 
 
 _final_writes: set[asyncio.Future[bool]] = set()

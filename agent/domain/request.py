@@ -142,6 +142,10 @@ def parse_request(row: RunRow) -> TrainingRequest:
     lr0 = _float(cfg, "learningRate", 0.001, low=0.0, high=1.0, low_open=True)
     optimizer = _optimizer(cfg.get("optimizer", "Adam"))
     device = _device(cfg.get("device", 0))
+    gpu_count = _opt_int(cfg, "gpuCount", low=1, high=64)
+    if gpu_count is not None:
+        # A count, not indexes: the agent pins the run to that many free GPUs, seen as 0..n-1.
+        device = ",".join(str(i) for i in range(gpu_count))
     pretrained = _bool(cfg, "pretrained", True)
     augmentation = _augmentation(cfg, notes)
     trainer = cfg.get("trainer", "ultralytics")

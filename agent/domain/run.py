@@ -114,7 +114,7 @@ class WorkerInfo:
     worker_id: str
     host: str
     version: str
-    gpus: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()  # names of the GPUs this agent trains on, one per device
     slots: int = 1
     gpu_memory_gb: float | None = None  # of the first GPU
     cpu_model: str | None = None
@@ -143,6 +143,7 @@ class WorkerInfo:
 class WorkerState:
     status: WorkerStatus
     current_runs: tuple[str, ...] = ()
+    free_slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ _MAX_ERROR_CHARS = 2000
 # Diagnostic switch: a file to append every attempted name lookup and socket connection to, one
 # line each (tests use it to prove that an offline training makes none).
 AUDIT_SOCKETS_ENV = "SATURNOS_AUDIT_SOCKETS"
+# Diagnostic switch: make every training batch of an ultralytics run last at least this many seconds
+# of real tensor work (benchmarks and tests of a stop within a slow batch, without a big model).
+SLOW_BATCH_ENV = "SATURNOS_SLOW_BATCH_SECONDS"
 _AUDITED = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "subprocess.Popen")
 
 
@@ -63,7 +66,7 @@ def _run(child: ChildJob, control: Control) -> None:
     elif trainer == "ultralytics":
         from agent.training.yolo import run_yolo
 
-        run_yolo(child.job, control, offline=child.offline or _env_offline())
+        run_yolo(child.job, control, offline=child.offline or _env_offline(), slow_batch=_slow_batch())
     else:
         assert_never(trainer)
 
@@ -71,6 +74,13 @@ def _run(child: ChildJob, control: Control) -> None:
 def _env_offline() -> bool:
     flags = (os.environ.get(k, "").strip().lower() for k in ("SATURNOS_OFFLINE", "YOLO_OFFLINE"))
     return any(flag in ("1", "true", "yes", "on") for flag in flags)
+
+
+def _slow_batch() -> float:
+    try:
+        return max(0.0, float(os.environ.get(SLOW_BATCH_ENV, "0") or 0))
+    except ValueError:
+        return 0.0
 
 
 def _describe(exc: BaseException) -> str:

@@ -35,7 +35,10 @@ def run_fake(job: TrainJob, control: Control) -> None:
 
     start_epoch = _resume_epoch(job.resume_from) + 1
     total = request.epochs
-    control.send(Started(total_epochs=total, start_epoch=start_epoch, device="cpu", note="fake trainer"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    note = "fake trainer" if visible is None else f"fake trainer; CUDA_VISIBLE_DEVICES={visible!r}"
+    device = request.device or "cpu"
+    control.send(Started(total_epochs=total, start_epoch=start_epoch, device=device, note=note))
     batch_seconds = fake.epoch_seconds / fake.batches
     t0 = time.monotonic()
     done_batches = 0
@@ -185,6 +188,8 @@ def _write_args(path: Path, job: TrainJob, task: str) -> None:
         "project": str(job.workspace),
         "name": "train",
         "save_dir": str(job.workspace / "train"),
+        # What the agent pinned this child to: lets tests check the slot a run got.
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **request.augmentation,
     }
     # JSON scalars are valid YAML scalars, so no YAML library is needed here.

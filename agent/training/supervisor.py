@@ -30,6 +30,7 @@ from agent.training.jobfile import write_job
 from agent.training.procgroup import group_alive, signal_group
 
 CHILD_MODULE: Final = "agent.training.child"
+CUDA_VISIBLE_DEVICES: Final = "CUDA_VISIBLE_DEVICES"
 CHILD_LOG: Final = "child.log"
 TAIL_LINES: Final = 20
 _MAX_LINE = 1 << 20  # a message line longer than this is malformed
@@ -69,6 +70,16 @@ class ChildTrainer:
         self._env = None if env is None else dict(env)
         self._module = module
 
+    def _child_env(self, job: TrainJob) -> dict[str, str] | None:
+        """The child's environment, pinned to the devices its run holds."""
+        if job.visible_devices is None:
+            return self._env
+        env = dict(os.environ if self._env is None else self._env)
+        env[CUDA_VISIBLE_DEVICES] = job.visible_devices
+        # Device indexes then mean what nvidia-smi shows, whatever order CUDA would pick.
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        return env
+
     async def start(self, job: TrainJob) -> ChildProcess:
         job = _absolute(job)
         job.workspace.mkdir(parents=True, exist_ok=True)
@@ -96,7 +107,7 @@ class ChildTrainer:
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=(write_fd,),
                     start_new_session=True,
-                    env=self._env,
+                    env=self._child_env(job),
                     # `-m` imports from the working directory first: start where this very `agent`
                     # package lives, so the child runs the parent's code; it then moves to its workspace.
                     cwd=_IMPORT_ROOT,

@@ -19,13 +19,14 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from agent.domain.messages import BatchProgress, Done, EpochEnd, Started
+from agent.domain.messages import BatchProgress, Done, EpochEnd, Started, TrainerMessage, decode, encode
 from agent.ports import TrainJob
 from agent.training.control import Control
 
@@ -48,11 +49,12 @@ _INTEGRATIONS_OFF = {
     "tensorboard": False,
     "wandb": False,
 }
+DDP_MESSAGES = "ddp-messages.jsonl"  # rank 0's messages in the workspace, relayed by the child
 _PROGRESS_MIN_INTERVAL = 0.2  # at most ~5 progress messages a second
 _GPU_DEVICE = re.compile(r"^(cuda(:\d+)?|\d+(,\d+)*)$")
 
 
-def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
+def run_yolo(job: TrainJob, control: Control, *, offline: bool, slow_batch: float = 0.0) -> None:
     """Train to completion and send Done, or raise StopRequested (or any error)."""
     dataset = job.dataset
     if dataset is None:
@@ -64,10 +66,9 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     import torch
 
     device, note = pick_device(job.request.device, torch.cuda.is_available())
-    if "," in device:
-        # Ultralytics runs multi-GPU training in its own torch.distributed subprocesses, where
-        # these callbacks do not run.
-        note = "multi-GPU (DDP) training: no per-batch progress; a stop is enforced by signals"
+    ddp = "," in device
+    if ddp:
+        note = "; ".join(n for n in (note, "multi-GPU (DDP) training: progress from rank 0") if n)
     if note:
         print(note, file=sys.stderr, flush=True)
 
@@ -93,12 +94,29 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool) -> None:
     # models bucket, a weights name ultralytics downloads from its releases, or a YAML packaged
     # with ultralytics (agent/training/weights.py).
     model = YOLO(source, task=dataset.task)
-    reporter = _Reporter(control, device_note=note)
+    relay = _RankZeroRelay(job.workspace / DDP_MESSAGES, control) if ddp else None
+    reporter = _Reporter(relay.sink if relay else control, device_note=note, report_end=ddp)
     for event, callback in reporter.callbacks().items():
         model.add_callback(event, callback)
-    model.train(**train_arguments(job, device))
-    # A stop that comes after the last validation is too late to save anything: report Done.
-    reporter.done()
+    if slow_batch > 0:
+        model.add_callback("on_train_batch_start", lambda _: _tensor_work(slow_batch))
+    if relay is None:
+        model.train(**train_arguments(job, device))
+        # A stop that comes after the last validation is too late to save anything: report Done.
+        reporter.done()
+        return
+    # Multi-GPU: ultralytics pickles the callbacks into its DDP processes (this child's process
+    # group) and waits for them; rank 0 writes its messages to a file that a thread here relays.
+    # A stop aborts the wait at once, and the supervisor kills what is left of the group.
+    relay.start()
+    control.interruptible = True
+    try:
+        model.train(**train_arguments(job, device))
+    finally:
+        control.interruptible = False
+        relay.close()
+    if not relay.done:
+        raise RuntimeError("multi-GPU training ended without reporting its result (see the log)")
 
 
 def trusted_model(model: str) -> str:
@@ -261,11 +279,87 @@ def _guard_amp_check(offline: bool) -> None:
     engine.__dict__["check_amp"] = check_amp
 
 
+class _Sink(Protocol):
+    last_epoch: int | None
+    interruptible: bool
+
+    def send(self, msg: TrainerMessage) -> None: ...
+
+    def check(self) -> None: ...
+
+
+class _FileSink:
+    """Where a DDP rank's reporter writes: rank 0 appends message lines to a file, others drop them.
+
+    Picklable (ultralytics pickles the callbacks into each rank); stops come as signals to the group.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.last_epoch: int | None = None
+        self.interruptible = False
+
+    def send(self, msg: TrainerMessage) -> None:
+        if int(os.environ.get("RANK", "-1")) in (-1, 0):
+            with open(self.path, "ab") as f:
+                f.write(encode(msg))
+
+    def check(self) -> None:
+        pass
+
+
+class _RankZeroRelay:
+    """A thread of the child that forwards rank 0's message file to the parent's pipe."""
+
+    def __init__(self, path: Path, control: Control) -> None:
+        path.unlink(missing_ok=True)
+        path.touch()
+        self.sink = _FileSink(path)
+        self.done = False
+        self._path = path
+        self._control = control
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddp-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with open(self._path, "rb") as f:
+            pending = b""
+            while True:
+                closing = self._closing.is_set()
+                pending += f.read()
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._forward(line)
+                if closing:
+                    return
+                self._closing.wait(0.1)
+
+    def _forward(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            msg = decode(line)
+        except (ValueError, TypeError):
+            return
+        if isinstance(msg, EpochEnd):
+            self._control.last_epoch = msg.epoch
+        self.done = self.done or isinstance(msg, Done)
+        self._control.send(msg)
+
+
 class _Reporter:
     """Ultralytics callbacks: progress and epoch messages out, stop checks at every step."""
 
-    def __init__(self, control: Control, *, device_note: str) -> None:
+    def __init__(self, control: _Sink, *, device_note: str, report_end: bool = False) -> None:
         self._control = control
+        self._report_end = report_end
         self._note = device_note
         self._t0 = time.monotonic()
         self._epoch_t0 = self._t0
@@ -289,6 +383,7 @@ class _Reporter:
             "on_train_epoch_end": self._on_train_epoch_end,
             "on_fit_epoch_end": self._on_fit_epoch_end,
             "on_val_batch_end": check,
+            **({"on_train_end": lambda _: self.done()} if self._report_end else {}),
         }
 
     def done(self) -> None:
@@ -317,6 +412,8 @@ class _Reporter:
         self._control.check()
         self._epoch_t0 = time.monotonic()
         self._batch = 0
+        # The training steps write no file the run keeps: a stop may abort them mid-batch.
+        self._control.interruptible = True
 
     def _on_train_batch_end(self, trainer: Any) -> None:
         # The stop check comes first: this is what aborts a training within one batch.
@@ -340,6 +437,8 @@ class _Reporter:
         )
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
+        # Validation and checkpoint writes follow: stops wait for the next safe point again.
+        self._control.interruptible = False
         self._pending_epoch = int(trainer.epoch) + 1
         self._control.check()
 
@@ -383,6 +482,16 @@ class _Reporter:
             # No full epoch yet: extrapolate from this epoch's batches (validation not counted).
             mean_epoch = (now - self._epoch_t0) / self._batch * batches
         return round((left_in_epoch + epochs_after) * mean_epoch, 1)
+
+
+def _tensor_work(seconds: float) -> None:
+    """Small matrix products for `seconds`: stands in for the step of a big model."""
+    import torch
+
+    end = time.monotonic() + seconds
+    x = torch.rand(128, 128)
+    while time.monotonic() < end:
+        x = torch.tanh(x @ x)
 
 
 def _floats(values: Mapping[str, Any] | None) -> dict[str, float]:

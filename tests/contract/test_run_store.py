@@ -400,3 +400,21 @@ async def test_register_worker_writes_the_hardware_the_app_shows(backend: Harnes
         None,
         None,
     )
+
+
+async def test_the_registry_reports_devices_and_the_largest_worker(backend: Harness) -> None:
+    assert await backend.store.largest_worker() == 0
+    four = WorkerInfo("gpu-4", "host-b", "0.1.0", gpus=("NVIDIA H200",) * 4, slots=4, gpu_memory_gb=139.8)
+    await backend.store.register_worker(four, WorkerState(WorkerStatus.BUSY, ("r1",), free_slots=3))
+    row = await backend.worker_row("gpu-4")
+    assert row is not None
+    assert (row["slots"], row["free_slots"], row["device_type"]) == (4, 3, "gpu")
+    assert row["gpu_name"] == "4x NVIDIA H200" and row["gpu_memory_gb"] == 139.8
+    # Four slots sharing one GPU give a run one GPU at most; a CPU worker gives none.
+    shared = WorkerInfo("gpu-shared", "host-c", "0.1.0", gpus=("A10",), slots=4)
+    cpu = WorkerInfo("cpu-1", "host-d", "0.1.0", slots=8)
+    for info in (shared, cpu):
+        await backend.store.register_worker(info, WorkerState(WorkerStatus.ONLINE, free_slots=info.slots))
+    cpu_row = await backend.worker_row("cpu-1")
+    assert cpu_row is not None and cpu_row["device_type"] == "cpu" and cpu_row["gpu_name"] is None
+    assert await backend.store.largest_worker() == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from agent.datasets.synthetic import make_dataset
 from agent.domain.messages import BatchProgress, Done, EpochEnd, Error, Started, Stopped, TrainerMessage
 from agent.domain.request import Task
 from agent.ports import PreparedDataset, TrainJob
-from agent.training.child import AUDIT_SOCKETS_ENV
+from agent.training.child import AUDIT_SOCKETS_ENV, SLOW_BATCH_ENV
 from agent.training.supervisor import ChildProcess, ChildTrainer
 from tests.training import helpers
 
@@ -34,10 +35,12 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PreparedData
     return out
 
 
-def trainer(audit: Path | None = None) -> ChildTrainer:
+def trainer(audit: Path | None = None, slow_batch: float | None = None) -> ChildTrainer:
     env = dict(os.environ)
     if audit is not None:
         env[AUDIT_SOCKETS_ENV] = str(audit)
+    if slow_batch is not None:
+        env[SLOW_BATCH_ENV] = str(slow_batch)
     return ChildTrainer(stop_grace=3.0, kill_grace=3.0, offline=True, env=env)
 
 
@@ -134,6 +137,27 @@ async def test_stop_mid_epoch(tmp_path: Path, datasets: dict[str, PreparedDatase
 
     assert elapsed < 2.0
     assert exit_.returncode == 0 and exit_.stopped
+    assert isinstance((await collect(child))[-1], Stopped)
+    assert helpers.live_group_members(child.pid) == []
+
+
+async def test_a_stop_interrupts_a_slow_batch(tmp_path: Path, datasets: dict[str, PreparedDataset]) -> None:
+    # Every batch does 3 s of tensor work: a stop at a batch end would take up to 3 s.
+    job = yolo_job(tmp_path / "run", datasets["long"], epochs=3, batch=8, plots=False)
+    child = await trainer(slow_batch=3.0).start(job)
+    async for message in child.messages():
+        if isinstance(message, BatchProgress):
+            break
+    # Now in the middle of the next batch's work.
+    await asyncio.sleep(0.5)
+
+    started = time.monotonic()
+    exit_ = await child.stop("canceled by user")
+    elapsed = time.monotonic() - started
+    print(f"stop within a 3 s batch took {elapsed:.3f}s")
+
+    assert elapsed < 1.5, "the stop waited for the end of the batch"
+    assert exit_.returncode == 0 and exit_.stopped, exit_.tail
     assert isinstance((await collect(child))[-1], Stopped)
     assert helpers.live_group_members(child.pid) == []
 

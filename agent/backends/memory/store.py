@@ -115,6 +115,7 @@ class WorkerRecord:
     gpu_memory_gb: float | None = None
     cpu_model: str | None = None
     ram_gb: float | None = None
+    free_slots: int | None = None
 
 
 @dataclass
@@ -187,6 +188,10 @@ class MemoryStore:
                 frozenset(ops) if ops is not None else None,
             )
         )
+
+    def heal(self) -> None:
+        """Drop every injected failure still pending (the backend is back)."""
+        self._faults.clear()
 
     async def _io(self, op: str) -> None:
         # Yield like a network round trip would, so that concurrent callers really interleave.
@@ -428,7 +433,12 @@ class MemoryStore:
             gpu_memory_gb=worker.gpu_memory_gb,
             cpu_model=worker.cpu_model,
             ram_gb=worker.ram_gb,
+            free_slots=state.free_slots,
         )
+
+    async def largest_worker(self) -> int:
+        await self._io("largest_worker")
+        return max((min(len(w.gpus), w.slots or 1) for w in self.workers.values()), default=0)
 
     async def submit(self, run: NewRun) -> str:
         await self._io("submit")

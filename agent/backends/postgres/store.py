@@ -331,8 +331,13 @@ class PostgresStore:
                 "current_run": state.current_runs[0] if state.current_runs else None,
                 "current_runs": Jsonb(list(state.current_runs)),
                 **hardware_columns(worker),
+                "free_slots": state.free_slots,
             },
         )
+
+    async def largest_worker(self) -> int:
+        record = await self._one("largest_worker", {})
+        return int(record["largest"]) if record is not None else 0
 
     async def submit(self, run: NewRun) -> str:
         record = await self._one(

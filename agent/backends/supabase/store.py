@@ -523,11 +523,16 @@ class SupabaseStore:
             "current_run": state.current_runs[0] if state.current_runs else None,
             "current_runs": list(state.current_runs),
             **hardware_columns(worker),
+            "free_slots": state.free_slots,
         }
         await self._rows(
             self._client.table(WORKERS).upsert(row, on_conflict="worker_id", returning=ReturnMethod.minimal),
             "worker registry",
         )
+
+    async def largest_worker(self) -> int:
+        rows = await self._rows(self._client.table(WORKERS).select("slots,gpus"), "worker registry read")
+        return max((_gpus_for_one_run(row) for row in rows), default=0)
 
     async def submit(self, run: NewRun) -> str:
         row = {
@@ -563,3 +568,11 @@ class SupabaseStore:
             "list runs",
         )
         return [row for row in map(parse_row, rows) if row is not None]
+
+
+def _gpus_for_one_run(row: dict[str, Any]) -> int:
+    """The fewer of a worker row's slots and GPUs (rows are written by any version, or by hand)."""
+    gpus = row.get("gpus")
+    slots = row.get("slots")
+    count = len(gpus) if isinstance(gpus, list) else 0
+    return min(count, slots if isinstance(slots, int) and not isinstance(slots, bool) else 1)
