@@ -46,6 +46,8 @@ alter table public.trainer_workers add column if not exists version text;
 alter table public.trainer_workers add column if not exists slots integer;
 alter table public.trainer_workers add column if not exists current_run text;
 alter table public.trainer_workers add column if not exists current_runs jsonb;
+-- The device slots free for new runs (the total is `slots`).
+alter table public.trainer_workers add column if not exists free_slots integer;
 
 -- What the web app's schema has and shows: a run's name and its project and step (plain ids
 -- here; the app's own migrations add the foreign keys), and the hardware of each worker.
