@@ -107,7 +107,9 @@ def make_agent(
         datasets=NoDatasets(),
         trainer=trainer,
         resolve_model=resolve,
-        settings=PipelineSettings(runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2),
+        settings=PipelineSettings(
+            runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2, allow_fake_trainer=True
+        ),
     )
     gpus = tuple(f"GPU {d}" for d in devices if d != "cpu")
     capacity = slots or len(devices)
