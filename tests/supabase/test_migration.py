@@ -21,59 +21,8 @@ from tests.supabase.harness import FAST, settings_for
 REPO = Path(__file__).resolve().parents[2]
 MIGRATIONS = REPO / "deploy" / "supabase" / "migrations"
 
-# The app's tables as its migrations 0001-0024 leave them (the parts that touch the agent's tables):
-# run_name NOT NULL, foreign keys to projects and sop_steps, updated_at triggers, row level security
-# with "anon all" policies, and the project-delete cleanup trigger.
-APP_SCHEMA = """
-create or replace function public.set_updated_at() returns trigger language plpgsql as $$
-begin new.updated_at := now(); return new; end $$;
-create table public.projects (id uuid primary key default gen_random_uuid(), name text not null);
-create table public.sop_steps (
-    id uuid primary key default gen_random_uuid(),
-    project_id uuid references public.projects(id) on delete cascade
-);
-create table public.training_runs (
-    id uuid primary key default gen_random_uuid(),
-    run_name text not null,
-    project_id uuid references public.projects(id) on delete set null,
-    status text not null default 'queued',
-    results jsonb,
-    created_at timestamptz not null default now(),
-    updated_at timestamptz not null default now(),
-    step_id uuid references public.sop_steps(id) on delete set null,
-    base_model text, configuration jsonb, data_yaml text, trained_model_url text, created_by text,
-    is_deployed boolean not null default false, started_at timestamptz, completed_at timestamptz,
-    worker_id text, error_message text,
-    cancel_requested boolean not null default false, canceled_at timestamptz
-);
-create trigger trg_training_runs_updated_at before update on public.training_runs
-    for each row execute procedure public.set_updated_at();
-create table public.trainer_workers (
-    worker_id text primary key,
-    status text not null default 'online',
-    last_seen timestamptz not null default now(),
-    created_at timestamptz not null default now(),
-    updated_at timestamptz not null default now()
-);
-create trigger trg_trainer_workers_updated_at before update on public.trainer_workers
-    for each row execute procedure public.set_updated_at();
-alter table public.training_runs enable row level security;
-alter table public.trainer_workers enable row level security;
-create policy "training_runs anon all" on public.training_runs
-    for all to anon, authenticated using (true) with check (true);
-create policy "trainer_workers anon all" on public.trainer_workers
-    for all to anon, authenticated using (true) with check (true);
-create or replace function public.handle_project_delete_cleanup() returns trigger language plpgsql as $$
-begin
-    update public.training_runs set status = 'canceled', cancel_requested = true, canceled_at = now(),
-        completed_at = now(), error_message = 'Project deleted.'
-    where project_id = old.id and status in ('running', 'canceling');
-    delete from public.training_runs where project_id = old.id and status = 'queued';
-    return old;
-end $$;
-create trigger trg_projects_cleanup_training_runs before delete on public.projects
-    for each row execute procedure public.handle_project_delete_cleanup();
-"""
+# The app's tables as its migrations 0001-0024 leave them: one fixture for every app-schema test.
+APP_SCHEMA = (REPO / "tests" / "appschema" / "app_schema.sql").read_text()
 # A project made before the 2026 change: every table in public was granted to the API roles.
 OLD_DEFAULT_GRANTS = "grant all on all tables in schema public to anon, authenticated, service_role;"
 
