@@ -170,7 +170,10 @@ def test_a_failed_run_shows_failed_with_its_last_epoch(app_database_url: str, ag
     row = wait_status(app_database_url, run_id, "failed")
     view = app_view(row)
     assert (view.label, view.has_results, view.epoch_display, view.progress) == ("Failed", False, 3, 30.0)
-    assert "fake trainer crashed at epoch 4" in row["error_message"]
+    # The app shows error_message to users: a short reason and where the trainer's log is, no frames.
+    message = row["error_message"]
+    assert message.startswith("Training failed:") and "train.log" in message
+    assert "Traceback" not in message and len(message) <= 2000
 
 
 def running_child(database_url: str, agent: AgentProc, project: str, step: str) -> tuple[str, int]:
