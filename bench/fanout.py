@@ -215,7 +215,7 @@ def main() -> None:
         from loguru import logger
 
         logger.remove()
-        logger.add(sys.stderr, level="WARNING")
+        logger.add(sys.stderr, level="WARNING", diagnose=False)
         result = asyncio.run(measure(args, bench, db, info))
     emit(result)
 

@@ -183,7 +183,7 @@ def main() -> None:
         from loguru import logger
 
         logger.remove()
-        logger.add(sys.stderr, level="WARNING")
+        logger.add(sys.stderr, level="WARNING", diagnose=False)
         root, files = make_files(bench)
         pg = Postgres(bench)
         db = pg.database()

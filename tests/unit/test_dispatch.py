@@ -184,7 +184,8 @@ async def test_a_run_bigger_than_this_host_is_left_for_a_bigger_worker(tmp_path:
     run_id = store.insert_row(data_yaml="d.yaml", configuration=fake_run(list(range(8))))
     small = store.insert_row(data_yaml="d.yaml", configuration=fake_run(0))
     await wait_for(lambda: finished(store, small), what="the small run done")
-    await asyncio.sleep(0.5)  # several polls: the big run must still be untouched
+    polls = store.calls["poll"]
+    await wait_for(lambda: store.calls["poll"] > polls, timeout=15, what="a later poll seeing the big run")
     await shutdown(agent, task)
     rec = store.runs[run_id]
     assert (rec.status, rec.worker_id, rec.attempt) == ("queued", None, 0)
@@ -212,8 +213,11 @@ async def test_a_cancel_is_acted_on_at_once_while_a_claim_retries_against_a_back
 
     # Reads and claims fail from now on: the next run's claim keeps retrying in its lane.
     store.fail_next(BackendUnavailable("connection refused"), times=100_000, ops=["get", "claim", "poll"])
+    tried = store.calls["get"] + store.calls["claim"]
     waiting = store.insert_row(data_yaml="d.yaml", configuration={"epochs": 1, "pretrained": False})
-    await asyncio.sleep(0.3)  # let the claim of `waiting` start retrying
+    await wait_for(
+        lambda: store.calls["get"] + store.calls["claim"] >= tried + 2, what="the claim of `waiting` retrying"
+    )
     asked = time.monotonic()
     store.set_fields(running, cancel_requested=True)
     await wait_for(lambda: trainer.started[0].stop_reasons, timeout=5, what="trainer stopped")

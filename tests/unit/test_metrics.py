@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -59,7 +58,6 @@ async def test_a_catch_up_poll_counts_the_runs_the_events_missed(tmp_path: Path)
 
     events.disconnect()
     missed = store.insert_row(data_yaml="d.yaml", configuration={"trainer": "fake", "epochs": 1})
-    await asyncio.sleep(0.1)
     assert store.runs[missed].status == "queued"
     events.reconnect()
     await wait_for(lambda: finished(store, missed), what="picked up by the catch-up poll")

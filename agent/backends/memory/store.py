@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -170,6 +171,8 @@ class MemoryStore:
         self.workers: dict[str, WorkerRecord] = {}
         self._watchers: list[ChangeWatcher] = []
         self._faults: list[_Fault] = []
+        # Calls per method, failed ones included: tests wait on these instead of on time.
+        self.calls: Counter[str] = Counter()
         self._seq = 0
 
     def watch(self, watcher: ChangeWatcher) -> Callable[[], None]:
@@ -196,6 +199,7 @@ class MemoryStore:
     async def _io(self, op: str) -> None:
         # Yield like a network round trip would, so that concurrent callers really interleave.
         await asyncio.sleep(0)
+        self.calls[op] += 1
         for fault in self._faults:
             if fault.remaining > 0 and (fault.ops is None or op in fault.ops):
                 fault.remaining -= 1
