@@ -311,3 +311,8 @@ def child_environment(settings: Settings, offline: bool) -> dict[str, str]:
         env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "HF_HUB_OFFLINE": "1"})
     env["SATURNOS_OFFLINE"] = "1" if offline else "0"
     return env
+
+
+def tool_environment() -> dict[str, str]:
+    """The environment for host tools the parent runs (nvidia-smi): the C locale, so output parses."""
+    return {**os.environ, "LC_ALL": "C"}

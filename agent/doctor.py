@@ -17,10 +17,9 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from supabase import AsyncClient
 from agent import __version__
 from agent.config import ConfigError, Settings
 from agent.domain.request import model_reference
+from agent.hardware import nvidia_smi
 
 Level = Literal["ok", "warning", "error"]
 Privilege = Literal["SELECT", "INSERT", "UPDATE"]
@@ -1031,19 +1031,10 @@ def check_local_storage(settings: Settings) -> Check:
     return Check(name_of_check, "ok", f"writable: {written}")
 
 
-def _nvidia_smi(args: Iterable[str]) -> subprocess.CompletedProcess[str] | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return subprocess.CompletedProcess([exe], 1, "", str(exc))
-
-
 def check_gpus() -> Check:
-    out = _nvidia_smi(
-        ["--query-gpu=index,name,memory.total,memory.used,driver_version", "--format=csv,noheader,nounits"]
+    out = nvidia_smi(
+        ["--query-gpu=index,name,memory.total,memory.used,driver_version", "--format=csv,noheader,nounits"],
+        timeout=10,
     )
     if out is None:
         return Check(

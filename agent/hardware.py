@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.config import tool_environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,21 +67,22 @@ def parse_meminfo(text: str) -> float | None:
     return None
 
 
-def _nvidia_smi() -> str:
+def nvidia_smi(args: Iterable[str], timeout: float = 5) -> subprocess.CompletedProcess[str] | None:
+    """nvidia-smi with `args`; None when it is not installed, returncode 1 when it cannot run."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return ""
+        return None
     try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            env={**os.environ, "LC_ALL": "C"},
+        return subprocess.run(
+            [exe, *args], capture_output=True, text=True, timeout=timeout, check=False, env=tool_environment()
         )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        return subprocess.CompletedProcess([exe], 1, "", str(exc))
+
+
+def _nvidia_smi() -> str:
+    out = nvidia_smi(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+    return out.stdout if out is not None and out.returncode == 0 else ""
 
 
 def _read(path: str) -> str:

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from agent.core.workspaces import WorkspacePolicy
 from agent.domain.redact import register_secret
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
-from agent.hardware import detect_hardware
+from agent.hardware import detect_hardware, nvidia_smi
 from agent.ports import NoMetrics
 
 if TYPE_CHECKING:
@@ -130,18 +128,8 @@ class Gpu:
 
 def query_gpus() -> tuple[Gpu, ...]:
     """The host's GPUs from nvidia-smi (which ignores CUDA_VISIBLE_DEVICES), without torch."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return ()
-    fields = "index,uuid,name,memory.total"
-    try:
-        out = subprocess.run(
-            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
+    out = nvidia_smi(["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"])
+    if out is None or out.returncode != 0:
         return ()
     gpus = []
     for line in out.stdout.splitlines():
