@@ -20,10 +20,12 @@ from tests.util import wait_for_sync
 REPO = Path(__file__).resolve().parents[2]
 
 
-def base_env(database_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+def base_env(database_url: str | None, data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The agent's environment on `database_url`, or on its embedded Postgres when None."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
     env.update(
-        DATABASE_URL=database_url,
         DATA_DIR=str(data_dir),
         OFFLINE="1",
         LOG_JSON="1",

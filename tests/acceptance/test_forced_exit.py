@@ -23,28 +23,14 @@ import psutil
 import pytest
 
 from agent.core.agent import FORCED_EXIT_MESSAGE
-from tests.acceptance.agentproc import REPO
+from tests.acceptance.agentproc import REPO, base_env
 from tests.util import wait_for_sync
 
 LONG = json.dumps({"fakeEpochSeconds": 0.2})
 
 
 def embedded_env(data_dir: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "DATABASE_URL"))}
-    env.update(
-        DATA_DIR=str(data_dir),
-        OFFLINE="1",
-        LOG_JSON="1",
-        LOG_LEVEL="DEBUG",
-        HEARTBEAT_INTERVAL="1",
-        PROGRESS_INTERVAL="0.5",
-        STALE_AFTER="10",
-        STOP_GRACE="2",
-        KILL_GRACE="2",
-        PYTHONPATH=str(REPO),
-    )
-    env.update(overrides)
-    return env
+    return base_env(None, data_dir, **overrides)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
