@@ -67,6 +67,11 @@ def corpus(dataset_yaml: Path) -> list[Case]:
         Case("batchSize NaN string", "finite", _cfg(batchSize="NaN")),
         Case("imgSize a list", "imgSize", _cfg(imgSize=[640])),
         Case("augmentation 1e400", "finite", '{"trainer": "fake", "augmentation": {"fliplr": 1e400}}'),
+        # Device requests: never more slots than a host has, never a huge string or number.
+        Case("gpuCount a billion", "gpuCount", _cfg(gpuCount=10**9)),
+        Case("device list of 1500 GPUs", "GPUs", _cfg(device=list(range(1500)))),
+        Case("device huge integer", "device", '{"trainer": "fake", "device": 1' + "0" * 400 + "}"),
+        Case("device string of 3000 indexes", "device", _cfg(device="0," * 3000 + "0")),
         # Strings: unicode, long ones, odd ones.
         Case("unicode task", "task", _cfg(task="dé\u202etect🚀\u0301")),
         Case("long optimizer", "optimizer", _cfg(optimizer="A" * 10_000)),
