@@ -98,6 +98,14 @@ class RunEvents(Protocol):
         """
         ...
 
+    def follow(self, run_ids: frozenset[str]) -> None:
+        """The runs this agent holds now: every change of each must reach it, a takeover included.
+
+        A stream that hears every change has nothing to do. One that subscribes per run sends a
+        `CHECK` hint for a run whenever its feed (re)starts, since changes before that were missed.
+        """
+        ...
+
 
 class BlobStore(Protocol):
     """Artifact storage (Supabase Storage or a local folder)."""

@@ -90,6 +90,8 @@ async def start_agents(url: str, key: str, n: int, data: Path) -> list[tuple[Any
             worker_id=f"fanout-{i:03d}",
             offline=True,
             shutdown_mode="release",  # at the end, stop the endless runs and put them back
+            allow_fake_trainer=True,  # the runs ask for the fake trainer; the timer above stands in for it
+            agent_secret="fanout-bench",
         )
         backends = await open_supabase(settings)
         agent = build_agent(settings, backends, offline=True)

@@ -19,9 +19,10 @@ from typing import Literal, TypeVar
 
 from loguru import logger
 
-from agent.core.inflight import interrupt_for
+from agent.core.inflight import interrupt_for, interrupt_for_row
 from agent.core.pipeline import (
     Deps,
+    Interrupt,
     RunControl,
     drain_final_writes,
     execute,
@@ -312,7 +313,10 @@ class Agent:
     async def _handle(self, hint: Hint) -> None:
         control = self.runs.get(hint.run_id)
         if control is not None:
-            why = interrupt_for(hint, control.lease)
+            if hint.op == "CHECK":
+                why = await self._check(control.lease)
+            else:
+                why = interrupt_for(hint, control.lease)
             if why is not None:
                 control.interrupt(why)
             return
@@ -326,6 +330,16 @@ class Agent:
             return
         if hint.claimable and self.free_slots > 0:
             await self._try_claim(hint.run_id)
+
+    async def _check(self, lease: Lease) -> Interrupt | None:
+        """Read a held run's row, for the changes its feed may have missed before it started."""
+        try:
+            row = await transient("run check", lambda: self.deps.store.get(lease.run_id), within=10.0)
+        except (BackendUnavailable, BackendError) as exc:
+            # The run's fenced writes still notice a lost lease, a little later.
+            self._log.bind(run_id=lease.run_id).warning("could not check a held run: {}", exc)
+            return None
+        return interrupt_for_row(row, lease)
 
     async def _try_claim(self, run_id: str) -> None:
         """Claim `run_id` if this host has the devices it needs free now; start it if we win."""
@@ -437,6 +451,7 @@ class Agent:
         control = RunControl(claimed.lease)
         run_id = claimed.lease.run_id
         self.runs[run_id] = control
+        self.events.follow(frozenset(self.runs))
         if run_id in self._cancel_pending or claimed.row.cancel_requested:
             # The cancel came while the claim was in flight.
             control.interrupt("cancel")
@@ -463,6 +478,7 @@ class Agent:
                 log.bind(error=type(again).__name__).error("could not fail the crashed run: {}", again)
         finally:
             self.runs.pop(run_id, None)
+            self.events.follow(frozenset(self.runs))
             self.slots.release(run_id)
             if not self._stopping:
                 self._poll_now.set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.core.pipeline import Interrupt
-from agent.domain.run import Hint, Lease
+from agent.domain.run import Hint, Lease, RunRow
 
 
 def interrupt_for(hint: Hint, lease: Lease) -> Interrupt | None:
@@ -20,6 +20,9 @@ def interrupt_for(hint: Hint, lease: Lease) -> Interrupt | None:
     if hint.op == "POLL":
         # A poll hint carries no row image, only the cancel flag.
         return "cancel" if hint.cancel_requested else None
+    if hint.op == "CHECK":
+        # It only asks for a read of the row: see interrupt_for_row.
+        return None
     if hint.attempt is not None and hint.attempt < lease.attempt:
         return None
     if hint.worker_id is not None and hint.worker_id != lease.worker_id:
@@ -30,3 +33,20 @@ def interrupt_for(hint: Hint, lease: Lease) -> Interrupt | None:
         # Same attempt, no owner: released or rescued back to the queue.
         return "lost"
     return "cancel" if hint.cancel_requested else None
+
+
+def interrupt_for_row(row: RunRow | None, lease: Lease) -> Interrupt | None:
+    """What a fresh read of a held run's row means; no row (deleted, or a status the store skips) is lost."""
+    if row is None:
+        return "lost"
+    image = Hint(
+        row.id,
+        "UPDATE",
+        claimable=False,
+        cancel_requested=row.cancel_requested,
+        worker_id=row.worker_id,
+        status=row.status,
+        raw_status=row.status.value,
+        attempt=row.attempt,
+    )
+    return interrupt_for(image, lease)

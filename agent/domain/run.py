@@ -63,7 +63,9 @@ class Claimed:
     row: RunRow
 
 
-HintOp = Literal["INSERT", "UPDATE", "DELETE", "POLL"]
+# CHECK: the stream may have missed changes of a run this agent holds (its own feed was not up
+# yet): read the row.
+HintOp = Literal["INSERT", "UPDATE", "DELETE", "POLL", "CHECK"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -282,6 +282,47 @@ async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
     )
 
 
+async def test_a_run_claimed_by_the_old_script_stops_its_trainer_on_the_realtime_event(
+    app: AsyncClient, quiet_agent: AgentProc
+) -> None:
+    agent = quiet_agent
+    await wait_agent_ready(agent)
+    config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 120, "fakeBatches": 1200}
+    inserted = (
+        await app.table("training_runs")
+        .insert({"run_name": "taken over", "data_yaml": "fake.yaml", "configuration": config})
+        .execute()
+    )
+    run_id = inserted.data[0]["id"]
+    started = await wait_for(
+        lambda: [r for r in agent.logged("trainer started") if r.get("run_id") == run_id],
+        timeout=20,
+        what="trainer started",
+    )
+    pid = int(started[0]["pid"])
+
+    async def trainer_start_written() -> bool:
+        return bool(((await row(app, run_id))["results"] or {}).get("progress"))
+
+    await wait_for(trainer_start_written, timeout=20, what="trainer start written")
+    # A mixed rollout: the old script claims with an unconditional update. Its new row names only
+    # the other worker, so nothing filtered on this agent's worker id would hear it.
+    await (
+        app.table("training_runs")
+        .update({"status": "running", "worker_id": "old-script", "started_at": "now()"})
+        .eq("id", run_id)
+        .execute()
+    )
+    taken = time.monotonic()
+    await wait_for(lambda: not pid_alive(pid), timeout=10, interval=0.01, what="trainer gone")
+    assert time.monotonic() - taken < 1.5
+    await asyncio.to_thread(
+        agent.wait_logged, "lease lost (run taken away or deleted): dropped without a final write"
+    )
+    final = await row(app, run_id)
+    assert (final["status"], final["worker_id"], final["completed_at"]) == ("running", "old-script", None)
+
+
 async def test_claim_race_eight_agents_two_hundred_runs_on_supabase(
     project: Project, database_url: str, tmp_path: Path, app: AsyncClient
 ) -> None:

@@ -40,6 +40,8 @@ class Harness(Protocol):
 
     name: str
     store: Store
+    # Its events follow each held run on a feed of its own, which says it is live with a CHECK.
+    follows_per_run: bool
 
     async def another_store(self) -> Store:
         """A second agent's store on the same data (closed by the harness)."""
@@ -78,6 +80,7 @@ class Harness(Protocol):
 class MemoryHarness:
     name: str = "memory"
     store: MemoryStore = field(default_factory=MemoryStore)
+    follows_per_run: bool = False
 
     async def another_store(self) -> Store:
         return self.store
@@ -120,6 +123,7 @@ class PostgresHarness:
     name: str = "postgres"
     _extra: list[PostgresStore] = field(default_factory=list)
     app_schema: bool = False  # the web app's schema: every row needs a run_name
+    follows_per_run: bool = False
 
     async def another_store(self) -> Store:
         store = await PostgresStore.connect(self.url)
@@ -296,6 +300,16 @@ class Listener:
 
     def for_run(self, run_id: str) -> list[Hint]:
         return [h for h in self.hints if h.run_id == run_id]
+
+    def changes(self, run_id: str) -> list[Hint]:
+        """The run's hints that carry a change (not a feed's CHECK)."""
+        return [h for h in self.for_run(run_id) if h.op != "CHECK"]
+
+    async def hold(self, backend: Harness, run_id: str) -> None:
+        """Follow `run_id` as the core does once it holds it; return when its changes will arrive."""
+        self.events.follow(frozenset({run_id}))
+        if backend.follows_per_run:
+            await wait_for(lambda: [h for h in self.for_run(run_id) if h.op == "CHECK"], what="feed live")
 
 
 @asynccontextmanager

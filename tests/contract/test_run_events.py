@@ -30,19 +30,29 @@ async def test_an_insert_is_a_claimable_hint(backend: Harness) -> None:
     assert hints[0].status is RunStatus.QUEUED
 
 
-async def test_a_claim_and_a_cancel_request_are_update_hints(backend: Harness) -> None:
+async def test_a_cancel_request_on_a_held_run_is_an_update_hint(backend: Harness) -> None:
     run_id = await backend.store.submit(NEW)
     async with listening(backend.events()) as listener:
         claim = await backend.store.claim(run_id, "w1")
         assert claim is not None
-        await wait_for(lambda: listener.for_run(run_id), what="claim hint")
+        await listener.hold(backend, run_id)
         assert await backend.store.request_cancel(run_id)
-        hints = await wait_for(lambda: len(listener.for_run(run_id)) >= 2 and listener.for_run(run_id))
-    claimed, cancel = hints
-    assert (claimed.op, claimed.claimable, claimed.worker_id) == ("UPDATE", False, "w1")
-    assert claimed.status is RunStatus.RUNNING and claimed.cancel_requested is False
+        hints = await wait_for(lambda: [h for h in listener.changes(run_id) if h.cancel_requested])
+    cancel = hints[0]
     assert (cancel.op, cancel.cancel_requested, cancel.worker_id) == ("UPDATE", True, "w1")
-    assert cancel.claimable is False
+    assert cancel.claimable is False and cancel.attempt == claim.lease.attempt
+
+
+async def test_another_workers_claim_of_a_held_run_is_a_hint(backend: Harness) -> None:
+    run_id = await backend.store.submit(NEW)
+    claim = await backend.store.claim(run_id, "w1")
+    assert claim is not None
+    async with listening(backend.events()) as listener:
+        await listener.hold(backend, run_id)
+        # The old script's unconditional claim: the new row names only the other worker.
+        await backend.set_fields(run_id, worker_id="old-script")
+        hints = await wait_for(lambda: [h for h in listener.changes(run_id) if h.worker_id == "old-script"])
+    assert (hints[0].op, hints[0].status) == ("UPDATE", RunStatus.RUNNING)
 
 
 async def test_a_cancel_request_on_an_unclaimed_run_is_a_hint(backend: Harness) -> None:
@@ -58,11 +68,12 @@ async def test_progress_writes_are_not_hints(backend: Harness) -> None:
     claim = await backend.store.claim(run_id, "w1")
     assert claim is not None
     async with listening(backend.events()) as listener:
+        await listener.hold(backend, run_id)
         for epoch in range(1, 4):
             assert await backend.store.touch(claim.lease, {"progress": {"epoch": epoch}})
         # Hints arrive in commit order: once this one is in, any progress hint would be too.
         assert await backend.store.finish(claim.lease, Canceled())
-        hints = await wait_for(lambda: listener.for_run(run_id), what="final hint")
+        hints = await wait_for(lambda: listener.changes(run_id), what="final hint")
     assert [(h.op, h.status) for h in hints] == [("UPDATE", RunStatus.CANCELED)]
 
 
@@ -80,11 +91,12 @@ async def test_hints_carry_the_attempt_the_raw_status_and_deletes(backend: Harne
     claim = await backend.store.claim(run_id, "w1")
     assert claim is not None
     async with listening(backend.events()) as listener:
+        await listener.hold(backend, run_id)
         # The web app's `stopped`, then its delete button.
         await backend.set_fields(run_id, status="stopped")
-        await wait_for(lambda: listener.for_run(run_id), what="stopped hint")
+        await wait_for(lambda: listener.changes(run_id), what="stopped hint")
         await backend.delete_row(run_id)
-        hints = await wait_for(lambda: len(listener.for_run(run_id)) >= 2 and listener.for_run(run_id))
+        hints = await wait_for(lambda: len(listener.changes(run_id)) >= 2 and listener.changes(run_id))
     stopped, deleted = hints
     assert (stopped.op, stopped.status, stopped.raw_status) == ("UPDATE", None, "stopped")
     assert stopped.unknown_status and stopped.attempt == claim.lease.attempt == 1

@@ -63,6 +63,7 @@ class SupabaseHarness:
     """Harness of tests/contract/conftest.py: the backend, a second agent's store, direct SQL."""
 
     name = "supabase"
+    follows_per_run = True
 
     def __init__(self, server: StandIn, backends: SupabaseBackends) -> None:
         self.server = server

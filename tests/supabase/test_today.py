@@ -22,7 +22,7 @@ from agent.backends.supabase import (
 )
 from agent.backends.supabase.transport import http_client
 from agent.domain.errors import MissingPrivilege
-from agent.domain.run import NewRun, WorkerInfo, WorkerState
+from agent.domain.run import Lease, NewRun, WorkerInfo, WorkerState
 from agent.domain.status import WorkerStatus
 from tests.standin import StandIn
 from tests.supabase.harness import FAST, settings_for
@@ -117,6 +117,80 @@ async def test_a_cancel_of_an_unclaimed_run_as_the_app_writes_it_is_heard(
     assert hints[1].cancel_requested and hints[1].worker_id is None
 
 
+async def held(supa: SupabaseBackends, events: SupabaseEvents, heard: Heard) -> tuple[str, Lease]:
+    """A run claimed by w1 and followed, its feed up (its CHECK heard)."""
+    run_id = await supa.admin.submit(NEW)
+    claim = await supa.store.claim(run_id, "w1")
+    assert claim is not None
+    events.follow(frozenset({run_id}))
+    await wait_for(lambda: [h for h in heard.for_run(run_id) if h.op == "CHECK"], what="the feed up")
+    return run_id, claim.lease
+
+
+async def test_a_held_run_claimed_by_another_worker_is_heard_at_once(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    async with listening(events, Heard()) as heard:
+        run_id, lease = await held(supa, events, heard)
+        standin.realtime.quota.reset()
+        assert await supa.store.touch(lease, {"progress": {"epoch": 1}})
+        # The old script's claim: unconditional, the new row names only the other worker.
+        await sql(
+            standin,
+            "update training_runs set status = 'running', worker_id = 'old-script', started_at = now()"
+            " where id = %s",
+            [run_id],
+        )
+        taken = time.monotonic()
+        hints = await wait_for(lambda: [h for h in heard.for_run(run_id) if h.worker_id == "old-script"])
+        latency = next(t for t, h in heard.hints if h.worker_id == "old-script") - taken
+    # The progress write is no hint (the INSERT may come before or after the CHECK).
+    assert [h.op for h in heard.for_run(run_id) if h.op != "INSERT"] == ["CHECK", "UPDATE"]
+    assert hints[0].status is not None and hints[0].status.value == "running"
+    assert latency < 0.5, f"takeover heard after {latency:.3f}s"
+    # One event per write of the held run, as the echo of `worker_id=eq.<me>` cost before.
+    assert standin.realtime.quota.counted == 2
+
+
+async def test_a_run_no_longer_held_has_no_feed_and_costs_nothing(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    async with listening(events, Heard()) as heard:
+        run_id, lease = await held(supa, events, heard)
+        assert events.feeds == {run_id: True}
+        events.follow(frozenset())
+        await wait_for(lambda: events.feeds == {}, what="the feed left")
+        await wait_for(lambda: standin.realtime.joins and _channels(standin) == 1, what="left on the server")
+        standin.realtime.quota.reset()
+        assert await supa.store.touch(lease, {"progress": {"epoch": 2}})
+        await sql(standin, "update training_runs set worker_id = 'old-script' where id = %s", [run_id])
+        marker = await supa.admin.submit(NEW)
+        await wait_for(lambda: heard.for_run(marker), what="a later insert")
+    assert [h.op for h in heard.for_run(run_id) if h.op != "INSERT"] == ["CHECK"]
+    assert standin.realtime.quota.counted == 1  # the marker's insert
+
+
+def _channels(standin: StandIn) -> int:
+    """Channels joined on the server, over all its connections."""
+    return sum(len(conn.channels) for conn in standin.realtime._connections)
+
+
+async def test_the_feeds_of_held_runs_are_joined_again_after_a_rebuild_each_with_a_check(
+    supa: SupabaseBackends, standin: StandIn, events: SupabaseEvents
+) -> None:
+    async with listening(events, Heard()) as heard:
+        run_id, _ = await held(supa, events, heard)
+        assert standin.faults.close_channels() == 2
+        await wait_for(
+            lambda: len([h for h in heard.for_run(run_id) if h.op == "CHECK"]) == 2,
+            timeout=10,
+            what="the feed joined again, with a CHECK for what it missed",
+        )
+        assert events.feeds == {run_id: True} and events.healthy
+        await sql(standin, "update training_runs set worker_id = 'old-script' where id = %s", [run_id])
+        await wait_for(lambda: [h for h in heard.for_run(run_id) if h.worker_id == "old-script"])
+
+
 async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
     supa: SupabaseBackends, standin: StandIn, warnings: list[str]
 ) -> None:
@@ -135,7 +209,7 @@ async def test_a_dropped_subscription_is_noticed_by_the_missing_echo_and_healed(
             await wait_for(lambda: events.echoes >= 2, what="echoes of the registry row")
             assert events.healthy
             dropped_at = time.monotonic()
-            assert standin.faults.drop_subscriptions() == 6
+            assert standin.faults.drop_subscriptions() == 5
             await wait_for(lambda: not events.healthy, timeout=5, what="the silent stream noticed")
             noticed = time.monotonic() - dropped_at
             await wait_for(lambda: len(heard.catch_ups) >= 2 and events.healthy, timeout=10, what="healed")
@@ -247,3 +321,44 @@ async def test_an_idle_agent_heals_a_dropped_subscription_within_three_heartbeat
         await asyncio.wait_for(task, timeout=30)
         await backends.close()
     assert noticed <= 3 * heartbeat + 1.0, f"noticed after {noticed:.2f}s"
+
+
+async def test_an_agent_holding_a_run_stops_at_once_and_its_stream_stays_alive_until_then(
+    standin: StandIn, tmp_path: Path, warnings: list[str]
+) -> None:
+    from agent.wiring import build_agent
+
+    heartbeat = 0.5
+    settings = settings_for(
+        standin,
+        tmp_path / "agent",
+        poll_interval=600.0,
+        heartbeat_interval=heartbeat,
+        stale_after=30.0,
+        offline=True,
+        shutdown_mode="release",
+    )
+    backends = await open_supabase(settings, tuning=FAST)
+    agent = build_agent(settings, backends, offline=True)
+    task = asyncio.create_task(agent.run())
+    events = backends.events
+    assert isinstance(events, SupabaseEvents)
+    try:
+        await wait_for(lambda: agent.ready.is_set(), what="agent ready")
+        run_id = await backends.admin.submit(
+            NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 60})
+        )
+        await wait_for(lambda: events.feeds.get(run_id), timeout=10, what="the run's feed up")
+        echoes = events.echoes
+        await wait_for(lambda: events.echoes >= echoes + 3, timeout=10, what="registry echoes while busy")
+        # The run ends (its feed is left) in the same moment the supervisor is told to stop.
+        agent.stop("test over")
+        await asyncio.wait_for(task, timeout=10)
+    finally:
+        if not task.done():
+            task.cancel()
+        await backends.close()
+    async with await psycopg.AsyncConnection.connect(standin.database_url) as conn:
+        cur = await conn.execute("select status, worker_id from training_runs where id = %s", [run_id])
+        assert await cur.fetchone() == ("queued", None)
+    assert not [w for w in warnings if "own writes came back" in w]

@@ -13,7 +13,7 @@ from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings
 from agent.domain.errors import BackendUnavailable
 from agent.domain.messages import Done, Started, TrainerMessage
-from agent.domain.run import WorkerInfo, WorkerState
+from agent.domain.run import Hint, WorkerInfo, WorkerState
 from agent.domain.status import WorkerStatus
 from agent.ports import ChildExit, TrainJob
 from tests.unit.test_core import NoDatasets, ScriptedTrainer, resolve
@@ -231,3 +231,24 @@ async def test_a_cancel_is_acted_on_at_once_while_a_claim_retries_against_a_back
     await wait_for(lambda: finished(store, waiting), timeout=20, what="claimed once the backend is back")
     await shutdown(agent, task)
     assert store.runs[waiting].status == "completed"
+
+
+async def test_held_runs_are_followed_and_a_check_finds_a_takeover_the_stream_missed(tmp_path: Path) -> None:
+    trainer = DeviceTrainer(seconds=30)
+    agent, store, events = make_agent(tmp_path, trainer)
+    task = await serving(agent)
+    run_id = store.insert_row(data_yaml="d.yaml", configuration=fake_run(0))
+    await wait_for(lambda: trainer.started, what="run started")
+    assert events.followed == frozenset({run_id})
+    # The old script's claim lands while the run's own feed is not up yet: no event for it.
+    events.disconnect()
+    store.set_fields(run_id, worker_id="old-script")
+    assert events.dropped[-1].worker_id == "old-script"
+    events.reconnect()
+    assert events.emit(Hint(run_id, "CHECK", claimable=False))
+    await wait_for(lambda: trainer.started[0].stop_reasons, what="the child stopped")
+    await wait_for(lambda: events.followed == frozenset(), what="no longer followed")
+    await shutdown(agent, task)
+    assert trainer.started[0].stop_reasons == ["lost"]
+    rec = store.runs[run_id]
+    assert (rec.status, rec.worker_id) == ("running", "old-script")  # never written again

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.inflight import interrupt_for
+from agent.core.inflight import interrupt_for, interrupt_for_row
 from agent.core.pipeline import Interrupt
-from agent.domain.run import Hint, HintOp, Lease
+from agent.domain.run import Hint, HintOp, Lease, RunRow
 from agent.domain.status import RunStatus
 
 LEASE = Lease("r1", "me", 2)
@@ -61,7 +61,27 @@ def hint(
         # Polls carry only the cancel flag.
         (hint(op="POLL", status=None, worker=None, attempt=None), None),
         (hint(op="POLL", status=None, worker=None, attempt=None, cancel=True), "cancel"),
+        # A feed's CHECK only asks for a read of the row.
+        (hint(op="CHECK", status=None, worker=None, attempt=None), None),
     ],
 )
 def test_what_an_event_means_for_a_run_in_flight(event: Hint, expected: Interrupt | None) -> None:
     assert interrupt_for(event, LEASE) == expected
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (RunRow("r1", RunStatus.RUNNING, worker_id="me", attempt=2), None),
+        (RunRow("r1", RunStatus.RUNNING, worker_id="me", attempt=2, cancel_requested=True), "cancel"),
+        (RunRow("r1", RunStatus.CANCELING, worker_id="me", attempt=2, cancel_requested=True), "cancel"),
+        # Claimed by the old script between our claim and the start of the run's feed.
+        (RunRow("r1", RunStatus.RUNNING, worker_id="old-script", attempt=2), "lost"),
+        (RunRow("r1", RunStatus.CANCELED, worker_id="me", attempt=2, cancel_requested=True), "lost"),
+        (RunRow("r1", RunStatus.QUEUED, worker_id=None, attempt=2), "lost"),
+        # Deleted, or a status the store skips (the app's `stopped`).
+        (None, "lost"),
+    ],
+)
+def test_what_a_read_of_a_held_run_means(row: RunRow | None, expected: Interrupt | None) -> None:
+    assert interrupt_for_row(row, LEASE) == expected

@@ -25,6 +25,7 @@ class MemoryEvents:
         self.subscriptions = 0
         self.delivered: list[Hint] = []
         self.dropped: list[Hint] = []
+        self.followed: frozenset[str] = frozenset()  # the last set the core asked to follow
         if store is not None:
             store.watch(self.emit)
 
@@ -41,6 +42,10 @@ class MemoryEvents:
             await asyncio.Event().wait()
         finally:
             self._sink = self._on_subscribed = None
+
+    def follow(self, run_ids: frozenset[str]) -> None:
+        """Recorded only: the store's change feed already carries every change of every run."""
+        self.followed = run_ids
 
     def emit(self, hint: Hint) -> bool:
         """Queue `hint` for the listener; False (and the hint is lost) while nobody listens."""

@@ -77,6 +77,9 @@ class PostgresEvents:
     def healthy(self) -> bool:
         return self._healthy
 
+    def follow(self, run_ids: frozenset[str]) -> None:
+        """Nothing to do: the trigger notifies every change of every run, a takeover included."""
+
     async def listen(self, sink: HintSink, on_subscribed: Callable[[], None]) -> None:
         """Stream hints until cancelled; each (re)LISTEN is followed by `on_subscribed()`."""
         short_lived = 0

@@ -2,11 +2,9 @@
 
 Bindings are filtered on the server to what this agent acts on, because Realtime counts one event
 per subscription per change against the project's quota and, over it, skips every change of the
-project without a word (see tests/standin/quota.py):
+project without a word (see tests/standin/quota.py). The agent's channel has:
 
 - INSERT, unfiltered: every new run is a candidate;
-- UPDATE `worker_id=eq.<me>`: cancels, rescues and final writes of my runs, and the echo of my
-  own heartbeats and progress writes (the proof that the stream is alive, see events.py);
 - UPDATE `status=eq.queued`: runs put back to claimable (rescued, released), and a cancel of an
   unclaimed run written by `saturnos-agent cancel` (status stays queued);
 - UPDATE `cancel_requested=eq.true`: a cancel of an unclaimed run as the app writes it
@@ -15,16 +13,18 @@ project without a word (see tests/standin/quota.py):
 - DELETE, unfiltered: a deleted row carries only its key, so Realtime matches a filter on
   worker_id against nothing and fails closed; deletes are rare (a project deleted in the app);
 - `*` on trainer_workers `worker_id=eq.<me>`: my registry row, written every HEARTBEAT_INTERVAL,
-  echoed back even when the agent has no run.
+  echoed back even when the agent has no run: the proof that the stream is alive (events.py).
 
-Realtime checks an UPDATE's filter against the new row only. So the update that moves a run away
-from me (another worker's claim) is not delivered through `worker_id=eq.<me>`; in the protocol a
-run only changes owner through `queued` (rescue, release), which `status=eq.queued` delivers, and
-an ending (`failed`, `canceled` by a rescue or a deleted project) keeps my worker_id. A row
-rewritten by hand to another worker is heard by the fenced heartbeat, whose write then matches
-no row. Only `eq` is used: every server version has it. Other agents' progress
-writes match none of these filters and never reach this agent. The filtering below stays as a
-second line: a server that ignored filters would still not make progress writes into hints.
+Each run the agent holds gets a channel of its own with one binding, UPDATE `id=eq.<run>`, for as
+long as it holds it (`run_bindings`). Realtime checks an UPDATE's filter against the new row only,
+so a binding on `worker_id=eq.<me>` would miss the one update that matters most: another worker's
+claim (the old script claims without a condition), whose new row names that worker. The run's id
+never changes, so every update of the run reaches its holder: cancels, a project delete's
+`canceled`, the app's `stopped`, a takeover, and its own progress writes, which cost one event
+each, as the echo of `worker_id=eq.<me>` did before. Only `eq` is used: every server version has
+it. Other agents' progress writes match none of these filters and never reach this agent. The
+filtering below stays as a second line: a server that ignored filters would still not make
+progress writes into hints.
 """
 
 from __future__ import annotations
@@ -58,12 +58,16 @@ def agent_bindings(
         return [Binding("INSERT", runs), Binding("UPDATE", runs)]
     return [
         Binding("INSERT", runs),
-        Binding("UPDATE", runs, f"worker_id=eq.{worker_id}"),
         Binding("UPDATE", runs, "status=eq.queued"),
         Binding("UPDATE", runs, "cancel_requested=eq.true"),
         Binding("DELETE", runs),
         Binding("*", workers, f"worker_id=eq.{worker_id}"),
     ]
+
+
+def run_bindings(run_id: str, runs: str = "training_runs") -> list[Binding]:
+    """The bindings of the channel that follows one run this agent holds."""
+    return [Binding("UPDATE", runs, f"id=eq.{run_id}")]
 
 
 def change_data(payload: object) -> dict[str, Any] | None:
@@ -126,6 +130,17 @@ def is_progress_write(payload: object) -> bool:
         and record.get("cancel_requested") is not True
         and record.get("started_at") is not None
         and not _same_time(record.get("started_at"), record.get("heartbeat_at"))
+    )
+
+
+def is_own_write(hint: Hint, worker_id: str | None) -> bool:
+    """A held run's update that leaves it running, mine and uncanceled: my heartbeat or progress."""
+    return (
+        hint.op == "UPDATE"
+        and hint.worker_id is not None
+        and hint.worker_id == worker_id
+        and hint.status == RunStatus.RUNNING
+        and not hint.cancel_requested
     )
 
 

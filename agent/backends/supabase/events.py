@@ -21,10 +21,14 @@ Known gaps of Realtime and of realtime-py 2.34.1, and what this module does abou
   everything and only enqueues.
 - A cold restart of Realtime's change capture deletes the server-side subscriptions and tells no
   one, and a project over its event quota skips every change silently: the socket, the channel
-  and the heartbeats all look fine. So the stream must prove it is alive: the agent's own writes
-  (its runs' heartbeats and progress, and its registry row every HEARTBEAT_INTERVAL, idle or not)
-  come back through the `worker_id=eq.<me>` bindings; with none back within `echo_within`
-  (3 × HEARTBEAT_INTERVAL) the stream is unhealthy and the channel is rebuilt.
+  and the heartbeats all look fine. So the stream must prove it is alive: the agent's own write of
+  its registry row, every HEARTBEAT_INTERVAL, idle or not, comes back through the
+  `worker_id=eq.<me>` binding; with none back within `echo_within` (3 × HEARTBEAT_INTERVAL) the
+  stream is unhealthy and the channel is rebuilt, and with it the feeds of held runs.
+- A run held by this agent is followed on a channel of its own (a feed, see changes.py), joined
+  after the claim. Changes before its "Subscribed to PostgreSQL" are not delivered, and that is
+  when an unconditional claim by another worker races ours: at every such message the feed sends a
+  CHECK hint, and the core reads the row.
 - The server's complaints (`system` errors, refused joins, changes carrying `Error 401` or
   `Error 413`) are kept as `problems`, each logged once at WARNING in the server's words.
   realtime-py cannot parse an `Error 401` change (it has no commit_timestamp) and only logs it:
@@ -64,12 +68,16 @@ from tenacity import (
 )
 
 from agent.backends.supabase.changes import (
+    Binding,
     agent_bindings,
     change_data,
     change_errors,
     hint_from_change,
+    is_own_write,
     is_progress_write,
+    run_bindings,
 )
+from agent.domain.run import Hint
 from agent.ports import HintSink
 
 __all__ = [
@@ -142,6 +150,7 @@ class Tuning:
     initial_backoff: float = 0.5  # between rebuilds that did not get back to subscribed
     max_backoff: float = 30.0
     stable_after: float = 5.0  # subscribed this long: the next outage starts backoff afresh
+    feed_retry: float = 5.0  # a held run's feed that was closed or refused is joined again after this
 
 
 @dataclass
@@ -165,6 +174,17 @@ def _server_words(error: Exception) -> str:
             if isinstance(payload.get(key), str):
                 return str(payload[key])
     return text
+
+
+@dataclass
+class _Feed:
+    """The channel that follows one held run on the current client."""
+
+    run_id: str
+    channel: AsyncRealtimeChannel
+    since: float  # joined, or last seen not subscribed: not ready within postgres_timeout is a retry
+    ready: bool = False
+    failed_at: float | None = None
 
 
 class _Rebuild(Exception):
@@ -229,6 +249,9 @@ class SupabaseEvents:
         self._echoes = 0
         self._last_payload: object = None
         self._problems: OrderedDict[str, float] = OrderedDict()  # cause -> wall time last seen
+        self._followed: frozenset[str] = frozenset()
+        self._feeds: dict[str, _Feed] = {}  # run id -> its channel on the current client
+        self._feed_seq = 0
 
     @property
     def healthy(self) -> bool:
@@ -253,6 +276,16 @@ class SupabaseEvents:
     def problems(self) -> tuple[str, ...]:
         """Recent distinct causes the server gave (or the stream showed) for not delivering, oldest first."""
         return tuple(self._problems)
+
+    @property
+    def feeds(self) -> dict[str, bool]:
+        """Held runs with a channel, and whether changes flow on it (for tests)."""
+        return {run_id: feed.ready for run_id, feed in self._feeds.items()}
+
+    def follow(self, run_ids: frozenset[str]) -> None:
+        """Follow exactly these runs, each on a channel of its own; the supervisor joins and leaves."""
+        self._followed = frozenset(run_ids)
+        self._wake.set()
 
     def _problem(self, cause: str) -> None:
         """Keep a cause; the first time it is seen, log it at WARNING in the server's words."""
@@ -355,13 +388,7 @@ class SupabaseEvents:
         if channel.is_joined or channel.is_joining:
             raise _Rebuild("client", "a previous channel of this topic is still attached")
         for binding in self._bindings:
-            channel.on_postgres_changes(
-                _EVENTS[binding.event],
-                self._on_change,
-                table=binding.table,
-                schema=binding.schema,
-                filter=binding.filter,
-            )
+            self._bind(channel, binding, self._on_change)
         channel.on_system(lambda payload: self._on_system(gen, payload))
         self._channel = channel
         try:
@@ -375,14 +402,28 @@ class SupabaseEvents:
             why = f": {self._last_error}" if self._last_error else ""
             raise _Rebuild("channel", f"join refused ({channel.state.value}){why}")
 
+    @staticmethod
+    def _bind(channel: AsyncRealtimeChannel, binding: Binding, callback: Callable[[Any], None]) -> None:
+        channel.on_postgres_changes(
+            _EVENTS[binding.event],
+            callback,
+            table=binding.table,
+            schema=binding.schema,
+            filter=binding.filter,
+        )
+
     async def _watch(self) -> None:
         """Return never; raise _Rebuild when the stream is down past its grace period."""
         client, channel = self._client, self._channel
         assert client is not None and channel is not None
         watch = _Watch()
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns instead of raising when
+            # a cancel lands in the same step as the wake-up (a run ending at shutdown calls
+            # follow()), and the cancelled supervisor would then rebuild forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._t.check_interval)
+                async with asyncio.timeout(self._t.check_interval):
+                    await self._wake.wait()
             self._wake.clear()
             now = time.monotonic()
             if self._probe_failed:
@@ -394,6 +435,7 @@ class SupabaseEvents:
             if self._flowing(channel, watch, now):
                 self._check_echo(now)
                 self._heartbeat(now)
+                self._sync_feeds(client, now)
 
     def _socket_up(self, client: AsyncRealtimeClient, watch: _Watch, now: float) -> bool:
         """Whether the socket is connected; raises once the client's own reconnects took too long."""
@@ -425,6 +467,50 @@ class SupabaseEvents:
         elif not ready:
             self._mark_down("waiting for Subscribed to PostgreSQL")
         return ready
+
+    def _sync_feeds(self, client: AsyncRealtimeClient, now: float) -> None:
+        """Leave the feeds of runs no longer held, (re)join those of held runs that have none."""
+        for run_id, feed in list(self._feeds.items()):
+            stuck = not feed.ready and now - feed.since >= self._t.postgres_timeout
+            if run_id not in self._followed or stuck:
+                if stuck:
+                    after = self._t.postgres_timeout
+                    self._problem(f"no changes flowing on the feed of a held run after {after:g}s")
+                self._leave_feed(client, feed)
+            elif feed.channel.is_closed:
+                feed.failed_at = feed.failed_at or now
+                if now - feed.failed_at >= self._t.feed_retry:
+                    self._leave_feed(client, feed)
+        for run_id in sorted(self._followed - set(self._feeds)):
+            self._join_feed(client, run_id, now)
+
+    def _join_feed(self, client: AsyncRealtimeClient, run_id: str, now: float) -> None:
+        self._feed_seq += 1
+        # A topic of its own per join: a feed being left never shares its topic with its successor.
+        channel = client.channel(f"{self._topic}:run:{run_id}:{self._feed_seq}")
+        feed = _Feed(run_id, channel, since=now)
+        self._feeds[run_id] = feed
+        for binding in run_bindings(run_id, self._bindings[0].table):
+            self._bind(channel, binding, lambda payload: self._on_feed_change(feed, payload))
+        channel.on_system(lambda payload: self._on_feed_system(feed, payload))
+        self._spawn(channel.subscribe(lambda status, err: self._on_feed_status(feed, status, err)))
+
+    def _leave_feed(self, client: AsyncRealtimeClient, feed: _Feed) -> None:
+        if self._feeds.get(feed.run_id) is feed:
+            del self._feeds[feed.run_id]
+        self._spawn(self._remove(client, feed.channel))
+
+    async def _remove(self, client: AsyncRealtimeClient, channel: AsyncRealtimeChannel) -> None:
+        async with asyncio.timeout(self._t.close_timeout):
+            await client.remove_channel(channel)
+
+    def _drop_feeds(self) -> None:
+        """Leave every feed; the next healthy check joins them again, each with its CHECK."""
+        client = self._client
+        feeds, self._feeds = list(self._feeds.values()), {}
+        if client is not None:
+            for feed in feeds:
+                self._spawn(self._remove(client, feed.channel))
 
     def _check_echo(self, now: float) -> None:
         """Raise when none of this agent's own writes came back in time: the stream is silently dead."""
@@ -507,6 +593,45 @@ class SupabaseEvents:
             self._sink(hint)
         except Exception:
             self._log.exception("hint delivery failed")
+
+    def _on_feed_change(self, feed: _Feed, payload: Any) -> None:
+        try:
+            if self._feeds.get(feed.run_id) is not feed:
+                return
+            data = change_data(payload)
+            for error in change_errors(data or {}):
+                self._problem(f"feed of a held run: {error}")
+            hint = hint_from_change(payload)
+            if hint is None:
+                self._log.bind(run_id=feed.run_id).warning("ignoring a malformed postgres_changes payload")
+            elif not is_own_write(hint, self._worker_id):
+                self._sink(hint)
+        except Exception:
+            self._log.exception("hint delivery failed")
+
+    def _on_feed_system(self, feed: _Feed, payload: Any) -> None:
+        try:
+            if self._feeds.get(feed.run_id) is not feed:
+                return
+            message = str(getattr(payload, "message", ""))
+            if getattr(payload, "extension", "") == "postgres_changes" and SUBSCRIBED_TO_POSTGRES in message:
+                feed.ready, feed.failed_at = True, None
+                self._sink(Hint(feed.run_id, "CHECK", claimable=False))
+            elif getattr(payload, "status", "") == "error":
+                self._problem(f"feed of a held run: {message}")
+        except Exception:
+            self._log.exception("feed system message callback failed")
+
+    def _on_feed_status(self, feed: _Feed, status: RealtimeSubscribeStates, error: Exception | None) -> None:
+        try:
+            if self._feeds.get(feed.run_id) is not feed or status == RealtimeSubscribeStates.SUBSCRIBED:
+                return
+            feed.ready, feed.since = False, time.monotonic()
+            if error is not None:
+                self._problem(f"feed of a held run {status.value}: {_server_words(error)}")
+            self._wake.set()
+        except Exception:
+            self._log.exception("feed status callback failed")
 
     def _is_echo(self, data: dict[str, Any]) -> bool:
         record = data.get("record") or data.get("old_record")
@@ -593,6 +718,7 @@ class SupabaseEvents:
             self._log.bind(reason=reason).warning("realtime down: polling until it is back")
 
     async def _drop_channel(self) -> None:
+        self._drop_feeds()
         channel, client = self._channel, self._client
         self._channel = None
         self._gen += 1
@@ -611,6 +737,7 @@ class SupabaseEvents:
     async def _close_client(self) -> None:
         client = self._client
         self._client, self._channel, self._probe = None, None, None
+        self._feeds = {}  # their channels close with the client
         self._gen += 1
         self._forget_heartbeat()
         self._subscribed = self._postgres_ready = False
