@@ -1,6 +1,6 @@
 """Cancel latency with the real Ultralytics trainer, mid-epoch, against the old 5 s cancel poll.
 
-    python bench/cancel.py [--backend postgres|supabase] [--quick] [--slow-batches]
+    python bench/cancel.py [--backend postgres|supabase] [--quick] [--slow-batches] [--takeover]
 
 The training: YOLOv8n built from its yaml (pretrained false) on a synthetic detect dataset,
 imgsz 64, batch 8, device cpu, workers 0, plots off, 50 epochs (never reached). The same
@@ -20,6 +20,11 @@ trainer children do SLOW_BATCH_S of real tensor work at the start of every train
 (SATURNOS_SLOW_BATCH_SECONDS, on top of the real Ultralytics step), on a 32-image dataset so that
 an epoch stays short. The cancel comes at a random time, 10-90 % into a batch of the second epoch
 (after the first epoch's metrics). `slow_stop_*`: until the child pid is gone; target 250 ms.
+
+Takeover (--takeover): the same cancel points on a third agent with the default PROGRESS_INTERVAL
+(2 s), but instead of a cancel the old script's unconditional claim (`status='running',
+worker_id='old-script'`): `takeover_stop_*` until the child pid is gone. Without an event for it
+the agent would notice only at its next fenced progress write, up to PROGRESS_INTERVAL later.
 
 Baseline: bench/old_trainer.py trains in-process as the old script did, with a thread checking
 for a cancel every 5 s (the old CANCEL_CHECK_INTERVAL), the stop effective at the end of the
@@ -171,6 +176,12 @@ def first_epoch_done(db: Database, run_id: str) -> bool:
     return bool(row)
 
 
+# The old script's claim: unconditional, whoever holds the run.
+TAKEOVER = (
+    "update training_runs set status = 'running', worker_id = 'old-script', started_at = now() where id = %s"
+)
+
+
 def run_agent(
     bench: Bench,
     db: Database,
@@ -180,16 +191,22 @@ def run_agent(
     epoch_s: float,
     rng: random.Random,
     slow_batch: float = 0.0,
+    takeover: bool = False,
 ) -> tuple[list[float], list[float]]:
-    """(child gone, row canceled) seconds; with `slow_batch`, the cancel lands within a slow batch."""
+    """(child gone, row canceled) seconds; with `slow_batch`, the cancel lands within a slow batch.
+
+    With `takeover`, another worker claims the run instead of a cancel: no row time is measured.
+    """
     watch = StatusWatch(bench, db)
-    name = "agent-slow" if slow_batch else "agent"
+    name = "agent-slow" if slow_batch else "agent-takeover" if takeover else "agent"
     if backend == "supabase":
         env = agent_env(bench.tmp / name, WORKER, supabase=supabase_env(bench, db))
     else:
         env = agent_env(bench.tmp / name, WORKER, database_url=db.url)
     # The generated dataset's folder: on these backends local datasets must lie under a root.
-    env.update(PROGRESS_INTERVAL="0.5", DATASET_ROOT=str(data.parent))
+    env.update(DATASET_ROOT=str(data.parent))
+    if not takeover:
+        env.update(PROGRESS_INTERVAL="0.5")
     if slow_batch:
         env.update(SATURNOS_SLOW_BATCH_SECONDS=str(slow_batch))
     agent = AgentProcess(env, bench.tmp / f"{name}.log").start(bench)
@@ -209,13 +226,19 @@ def run_agent(
                 time.sleep(rng.uniform(0.2, 0.7) * epoch_s)
             if not pid_alive(pid):
                 raise RuntimeError(f"the trainer of {run_id} ended before the cancel")
-            conn.execute("update training_runs set cancel_requested = true where id = %s", (run_id,))
+            if takeover:
+                conn.execute(TAKEOVER, (run_id,))
+            else:
+                conn.execute("update training_runs set cancel_requested = true where id = %s", (run_id,))
             asked = time.monotonic()
             while pid_alive(pid):
                 if time.monotonic() - asked > 30:
-                    raise TimeoutError(f"trainer {pid} still alive 30 s after the cancel")
+                    raise TimeoutError(f"trainer {pid} still alive 30 s after the change")
                 time.sleep(0.001)
             stops.append(time.monotonic() - asked)
+            if takeover:
+                log(f"agent takeover {i + 1}/{cancels}: child gone in {stops[-1] * 1000:.0f} ms")
+                continue
             rows.append(watch.wait(run_id, "canceled", timeout=30)[0] - asked)
             kind = "agent (slow batches)" if slow_batch else "agent"
             log(
@@ -228,7 +251,11 @@ def run_agent(
 
 def main() -> None:
     args = parse_args(
-        backends=True, flags={"--slow-batches": f"also cancel within batches of {SLOW_BATCH_S}+ s"}
+        backends=True,
+        flags={
+            "--slow-batches": f"also cancel within batches of {SLOW_BATCH_S}+ s",
+            "--takeover": "also let the old script claim runs mid-epoch (default PROGRESS_INTERVAL)",
+        },
     )
     cancels = 5 if args.quick else 12
     batch_cancels = 3 if args.quick else 8
@@ -244,6 +271,11 @@ def main() -> None:
         pg = Postgres(bench)
         stops, rows = run_agent(bench, pg.database(), args.backend, data, cancels, epoch_s, rng)
         slow: dict[str, object] = {}
+        if args.takeover:
+            db = pg.database()
+            taken, _ = run_agent(bench, db, args.backend, data, cancels, epoch_s, rng, takeover=True)
+            slow.update(ms_summary(taken, "takeover_stop_", qs=(50, 99)))
+            slow["takeover_met"] = percentile(taken, 99) <= 1.0
         if args.slow_batches:
             small = make_dataset(bench, train=SLOW_TRAIN_IMAGES, name="dataset-slow")
             slow_stops, _ = run_agent(
