@@ -18,6 +18,8 @@ TEMPLATE = "saturnos_template"
 class TestPostgres:
     """One embedded server per test session (per xdist worker); one database per test."""
 
+    __test__ = False  # a fixture's helper, not a test class, despite its name
+
     def __init__(self, base_url: str, owned: object | None = None) -> None:
         self.base_url = base_url
         self._owned = owned

@@ -329,7 +329,7 @@ class Agent:
                 self._log.bind(run_id=hint.run_id).warning("cancel of unclaimed run failed: {}", exc)
             return
         if hint.claimable and self.free_slots > 0:
-            await self._try_claim(hint.run_id)
+            await self._try_claim(hint.run_id, hint.image)
 
     async def _check(self, lease: Lease) -> Interrupt | None:
         """Read a held run's row, for the changes its feed may have missed before it started."""
@@ -341,7 +341,7 @@ class Agent:
             return None
         return interrupt_for_row(row, lease)
 
-    async def _try_claim(self, run_id: str) -> None:
+    async def _try_claim(self, run_id: str, image: RunRow | None = None) -> None:
         """Claim `run_id` if this host has the devices it needs free now; start it if we win."""
         log = self._log.bind(run_id=run_id)
         # The gate lets as many claims proceed at once as there are slots: a burst of hints (a
@@ -349,7 +349,7 @@ class Agent:
         async with self._claim_gate:
             if self.free_slots <= 0 or run_id in self.runs or run_id in self._claiming:
                 return
-            need = await self._need(run_id)
+            need = await self._need(run_id, image)
             if need is None:
                 return
             if not self.slots.can_ever_fit(need):
@@ -370,18 +370,21 @@ class Agent:
                 return
             self._start(claimed, allocation)
 
-    async def _need(self, run_id: str) -> int | None:
+    async def _need(self, run_id: str, image: RunRow | None) -> int | None:
         """How many devices the run asks for, read before claiming; None when it is not claimable."""
         # Read first, rather than claim and release what does not fit: a claim bumps the row's
         # attempt (rescue fails a run after max_attempts) and wakes every agent with an UPDATE.
+        # An INSERT event's image of the row is as good as a read, one round trip sooner.
         known = self._needs.get(run_id)
         if known is not None:
             return known
-        try:
-            row = await transient("claim read", lambda: self.deps.store.get(run_id), within=10.0)
-        except (BackendUnavailable, BackendError) as exc:
-            self._log.bind(run_id=run_id).warning("could not read a run before claiming: {}", exc)
-            return None
+        row = image
+        if row is None:
+            try:
+                row = await transient("claim read", lambda: self.deps.store.get(run_id), within=10.0)
+            except (BackendUnavailable, BackendError) as exc:
+                self._log.bind(run_id=run_id).warning("could not read a run before claiming: {}", exc)
+                return None
         if row is None or row.worker_id is not None or row.started_at is not None or row.cancel_requested:
             self.deps.metrics.claim_conflict()
             return None

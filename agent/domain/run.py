@@ -82,6 +82,8 @@ class Hint:
     raw_status: str | None = None
     # The row's fencing token when the event carried it: tells an old event from a new claim's.
     attempt: int | None = None
+    # The whole row, when an INSERT event carried it: spares the read before a claim.
+    image: RunRow | None = None
 
     @property
     def unknown_status(self) -> bool:

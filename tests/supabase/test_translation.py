@@ -46,6 +46,38 @@ def test_an_insert_of_a_queued_run_is_a_claimable_hint() -> None:
     assert hint.status is RunStatus.QUEUED and hint.worker_id is None
 
 
+WHOLE = {
+    "status": "queued",
+    "data_yaml": "/data/a.yaml",
+    "base_model": "YOLOv8n",
+    "configuration": {"epochs": 3, "device": "0,1"},
+    "cancel_requested": False,
+    "worker_id": None,
+    "started_at": None,
+}
+
+
+def test_an_insert_carrying_the_whole_row_gives_its_image_for_the_claim_decision() -> None:
+    hint = hint_from_change(change("INSERT", **WHOLE))
+    assert hint is not None and hint.image is not None
+    assert (hint.image.id, hint.image.configuration, hint.image.base_model) == (
+        RUN,
+        {"epochs": 3, "device": "0,1"},
+        "YOLOv8n",
+    )
+
+
+def test_no_image_from_an_update_or_a_record_realtime_cut_short() -> None:
+    assert (hint := hint_from_change(change("UPDATE", **WHOLE))) is not None and hint.image is None
+    # Over Realtime's record size it leaves out the big values and says so.
+    cut = change("INSERT", **{k: v for k, v in WHOLE.items() if k != "configuration"})
+    cut["data"]["errors"] = ["Error 413: Payload Too Large"]  # type: ignore[index]
+    assert (hint := hint_from_change(cut)) is not None and hint.image is None
+    missing = change("INSERT", **{k: v for k, v in WHOLE.items() if k != "configuration"})
+    assert (hint := hint_from_change(missing)) is not None and hint.image is None
+    assert hint.claimable
+
+
 @pytest.mark.parametrize(
     ("record", "claimable"),
     [

@@ -252,3 +252,21 @@ async def test_held_runs_are_followed_and_a_check_finds_a_takeover_the_stream_mi
     assert trainer.started[0].stop_reasons == ["lost"]
     rec = store.runs[run_id]
     assert (rec.status, rec.worker_id) == ("running", "old-script")  # never written again
+
+
+async def test_an_insert_carrying_the_row_is_claimed_without_reading_it_first(tmp_path: Path) -> None:
+    trainer = DeviceTrainer(seconds=0.05)
+    agent, store, _ = make_agent(tmp_path, trainer, poll_interval=600.0)
+    # Hints only from the test: the store's own feed would announce the insert without the row.
+    agent.events = events = MemoryEvents()
+    task = await serving(agent)
+    await wait_for(lambda: store.calls["poll"] >= 1, what="the startup poll, before the insert")
+    big = store.insert_row(data_yaml="d.yaml", configuration=fake_run("0,1,2"))
+    row = await store.get(big)
+    reads = store.calls["get"]
+    assert events.emit(Hint(big, "INSERT", claimable=True, image=row))
+    await wait_for(lambda: finished(store, big), what="the run done")
+    await shutdown(agent, task)
+    assert store.calls["get"] == reads, "the INSERT's image served the claim decision"
+    assert trainer.ledger.jobs[0].visible_devices is not None
+    assert len(trainer.ledger.jobs[0].visible_devices.split(",")) == 3

@@ -9,8 +9,9 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from agent.backends import Backends
 from agent.backends.supabase.blobs import SupabaseBlobs
 from agent.backends.supabase.events import RealtimeFactory, SupabaseEvents, Tuning, hint_from_change
+from agent.backends.supabase.rows import parse_row
 from agent.backends.supabase.sources import StorageSource, storage_sources
-from agent.backends.supabase.store import SupabaseStore, parse_row
+from agent.backends.supabase.store import SupabaseStore
 from agent.backends.supabase.transport import ServerUnavailable, http_client
 from agent.config import Settings
 from agent.domain.errors import BackendError, MissingPrivilege

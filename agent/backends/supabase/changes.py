@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from agent.backends.supabase.rows import parse_row
 from agent.domain.run import Hint, HintOp
 from agent.domain.status import RunStatus, is_claimable
 
@@ -89,6 +90,18 @@ def change_errors(data: dict[str, Any]) -> tuple[str, ...]:
 
 
 _WATCHED = ("status", "cancel_requested", "worker_id", "started_at")
+# What a claim decision reads of a row. Realtime leaves out a value over 64 bytes when the
+# record is too big (and says `Error 413`): then the agent reads the row instead.
+_IMAGE_KEYS = (
+    "id",
+    "status",
+    "data_yaml",
+    "base_model",
+    "configuration",
+    "cancel_requested",
+    "worker_id",
+    "started_at",
+)
 _OWNED = frozenset({RunStatus.RUNNING.value, RunStatus.CANCELING.value})
 
 
@@ -163,6 +176,7 @@ def hint_from_change(payload: object) -> Hint | None:
     worker = record.get("worker_id")
     cancel = record.get("cancel_requested")
     attempt = record.get("attempt")
+    whole = op == "INSERT" and not change_errors(data) and all(key in record for key in _IMAGE_KEYS)
     return Hint(
         run_id=str(record["id"]),
         op=op,
@@ -178,4 +192,5 @@ def hint_from_change(payload: object) -> Hint | None:
         status=status,
         raw_status=str(raw_status)[:64] if raw_status is not None else None,
         attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        image=parse_row(record) if whole else None,
     )

@@ -32,6 +32,7 @@ from postgrest import APIError, AsyncQueryRequestBuilder, AsyncRequestBuilder, A
 from postgrest.types import ReturnMethod
 from supabase import AsyncClient
 
+from agent.backends.supabase.rows import json_column, parse_row
 from agent.backends.supabase.transport import boundary, utc_now
 from agent.domain.errors import BackendError, MissingPrivilege
 from agent.domain.run import (
@@ -54,7 +55,6 @@ from agent.domain.run import (
     new_run_columns,
 )
 from agent.domain.status import CLAIMABLE_STATUSES, RunStatus, WorkerStatus
-from agent.domain.untrusted import Unreadable, json_problem, load_json
 
 RUNS = "training_runs"
 WORKERS = "trainer_workers"
@@ -144,60 +144,6 @@ def _uuid(run_id: str) -> str | None:
         return str(uuid.UUID(str(run_id)))
     except ValueError:
         return None
-
-
-def _time(value: object) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _json_column(value: object) -> object:
-    """A json column read as text (`::text`) decoded within limits; a decoded one checked."""
-    if isinstance(value, str):
-        return load_json(value)
-    problem = json_problem(value)
-    return Unreadable(problem) if problem else value
-
-
-def _text(value: object) -> str | None:
-    return value if value is None or isinstance(value, str) else str(value)
-
-
-def parse_row(record: Mapping[str, Any]) -> RunRow | None:
-    """A PostgREST row as a RunRow; None (with a warning) for a status the agent does not know."""
-    try:
-        status = RunStatus(str(record.get("status")))
-    except ValueError:
-        logger.bind(run_id=str(record.get("id")), status=str(record.get("status"))).warning(
-            "skipping a run with an unknown status"
-        )
-        return None
-    results = _json_column(record.get("results"))
-    return RunRow(
-        id=str(record["id"]),
-        status=status,
-        data_yaml=_text(record.get("data_yaml")),
-        base_model=_text(record.get("base_model")),
-        configuration=_json_column(record.get("configuration")),
-        cancel_requested=bool(record.get("cancel_requested")),
-        worker_id=record.get("worker_id"),
-        attempt=int(record.get("attempt") or 0),
-        created_at=_time(record.get("created_at")),
-        started_at=_time(record.get("started_at")),
-        heartbeat_at=_time(record.get("heartbeat_at")),
-        completed_at=_time(record.get("completed_at")),
-        canceled_at=_time(record.get("canceled_at")),
-        error_message=record.get("error_message"),
-        trained_model_url=record.get("trained_model_url"),
-        results=results if isinstance(results, dict) else None,
-    )
 
 
 def _fenced(query: Query, lease: Lease) -> Query:
@@ -316,7 +262,7 @@ class SupabaseStore:
 
     async def _read_results(self, lease: Lease, what: str) -> tuple[bool, object]:
         rows = await self._rows(_fenced(self._runs().select("results::text"), lease).limit(1), what)
-        return (True, _json_column(rows[0].get("results"))) if rows else (False, None)
+        return (True, json_column(rows[0].get("results"))) if rows else (False, None)
 
     async def touch(self, lease: Lease, results: Mapping[str, Any] | None = None) -> Pulse | None:
         if _uuid(lease.run_id) is None:
