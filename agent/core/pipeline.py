@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, assert_never
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, assert_never
 from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
@@ -53,6 +53,9 @@ from agent.ports import (
     TrainJob,
 )
 from agent.retry import transient, until_it_lands
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 T = TypeVar("T")
 ModelResolver = Callable[[TrainingRequest, Task], str]
@@ -155,7 +158,7 @@ def unexpected_failure(exc: BaseException) -> str:
     return f"The run failed on an unexpected error: {type(exc).__name__}: {quote(str(exc))[1:-1]}."
 
 
-async def _run(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> Outcome | None:
+async def _run(deps: Deps, claimed: Claimed, control: RunControl, log: Logger) -> Outcome | None:
     lease = claimed.lease
     try:
         request = parse_request(claimed.row)
@@ -203,7 +206,7 @@ async def _run(deps: Deps, claimed: Claimed, control: RunControl, log: Any) -> O
         heartbeat.cancel()
 
 
-async def _clear_workspace(deps: Deps, lease: Lease, failed: bool, log: Any) -> None:
+async def _clear_workspace(deps: Deps, lease: Lease, failed: bool, log: Logger) -> None:
     settings = deps.settings
     try:
         await asyncio.to_thread(
@@ -219,7 +222,9 @@ async def _clear_workspace(deps: Deps, lease: Lease, failed: bool, log: Any) -> 
         log.warning("run workspace not removed: {}", exc)
 
 
-async def _prepare(deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Any) -> TrainJob:
+async def _prepare(
+    deps: Deps, lease: Lease, request: TrainingRequest, workspace: Path, log: Logger
+) -> TrainJob:
     """Dataset into the workspace, weights located, previous attempt's checkpoint fetched."""
     await asyncio.to_thread(workspace.mkdir, parents=True, exist_ok=True)
     if request.trainer == "fake":
@@ -247,7 +252,7 @@ def without_secrets(data_yaml: str) -> str:
 _DATASET_COUNTS = ("images", "labels", "instances", "dropped", "downloaded")
 
 
-async def _model(deps: Deps, request: TrainingRequest, task: Task, workspace: Path, log: Any) -> str:
+async def _model(deps: Deps, request: TrainingRequest, task: Task, workspace: Path, log: Logger) -> str:
     """WEIGHTS_DIR first (resolve_model); a file name it lacks comes from the models bucket, if any."""
     try:
         return deps.resolve_model(request, task)
@@ -271,7 +276,7 @@ async def _model(deps: Deps, request: TrainingRequest, task: Task, workspace: Pa
     return str(dest.resolve())
 
 
-async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Any) -> Path | None:
+async def _fetch_checkpoint(deps: Deps, lease: Lease, workspace: Path, log: Logger) -> Path | None:
     """The previous attempt's checkpoint, only if an agent signed it (a .pt is unpickled on load)."""
     dest = workspace / "resume" / "last.pt"
     signature = workspace / "resume" / "last.pt.sig"
@@ -330,7 +335,7 @@ def verify_checkpoint(key: bytes, run_id: str, checkpoint: Path, signature: Path
 
 
 async def _train(
-    deps: Deps, lease: Lease, job: TrainJob, proc: TrainingProcess, control: RunControl, log: Any
+    deps: Deps, lease: Lease, job: TrainJob, proc: TrainingProcess, control: RunControl, log: Logger
 ) -> Outcome | None:
     """Stream the child's messages into the row until it ends or the run is interrupted."""
     started = time.monotonic()
@@ -376,7 +381,7 @@ async def _train(
         return Failed(f"Training finished but uploading its artifacts failed: {exc}")
 
 
-def _log_epoch(log: Any, tracker: ProgressTracker) -> None:
+def _log_epoch(log: Logger, tracker: ProgressTracker) -> None:
     """One line per epoch: where it is, how it learns, when it ends."""
     metrics = tracker.metrics
     train_losses = [v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")]
@@ -391,7 +396,7 @@ def _log_epoch(log: Any, tracker: ProgressTracker) -> None:
 
 
 async def _stop_training(
-    deps: Deps, lease: Lease, proc: TrainingProcess, control: RunControl, why: Interrupt, log: Any
+    deps: Deps, lease: Lease, proc: TrainingProcess, control: RunControl, why: Interrupt, log: Logger
 ) -> Outcome | None:
     # The stop goes out first: the `canceling` write must not delay the child by a round trip.
     stopping = asyncio.ensure_future(proc.stop(why))
@@ -416,7 +421,9 @@ async def _stop_training(
     assert_never(why)
 
 
-async def _interrupted_before_training(deps: Deps, lease: Lease, why: Interrupt, log: Any) -> Outcome | None:
+async def _interrupted_before_training(
+    deps: Deps, lease: Lease, why: Interrupt, log: Logger
+) -> Outcome | None:
     if why == "cancel":
         await _write_canceling(deps, lease, log)
         return Canceled()
@@ -430,7 +437,7 @@ async def _interrupted_before_training(deps: Deps, lease: Lease, why: Interrupt,
     assert_never(why)
 
 
-async def _write_canceling(deps: Deps, lease: Lease, log: Any) -> None:
+async def _write_canceling(deps: Deps, lease: Lease, log: Logger) -> None:
     try:
         await transient("mark canceling", lambda: deps.store.mark_canceling(lease), within=5.0)
     except (BackendError, BackendUnavailable) as exc:
@@ -504,7 +511,7 @@ def content_type(path: Path) -> str:
 class _CheckpointUploader:
     """Uploads last.pt at most every checkpoint_interval, in the background, for rescue and resume."""
 
-    def __init__(self, deps: Deps, lease: Lease, log: Any) -> None:
+    def __init__(self, deps: Deps, lease: Lease, log: Logger) -> None:
         self._deps, self._lease, self._log = deps, lease, log
         self._last = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -621,7 +628,7 @@ _TRAIN_LOG_BYTES = 256 * 1024
 
 
 async def _crashed(
-    deps: Deps, lease: Lease, job: TrainJob, exit_: ChildExit, tracker: ProgressTracker, log: Any
+    deps: Deps, lease: Lease, job: TrainJob, exit_: ChildExit, tracker: ProgressTracker, log: Logger
 ) -> Failed:
     """The trainer ended without finishing: a short message; its log tail goes to train.log."""
     reason = tracker.error or f"Training process exited with code {exit_.returncode}"
@@ -653,7 +660,7 @@ def _write_train_log(source: Path, target: Path, tail: tuple[str, ...]) -> None:
     target.write_text("\n".join(redact(line) for line in lines[-_TRAIN_LOG_LINES:]) + "\n")
 
 
-async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Any) -> None:
+async def finalize(deps: Deps, lease: Lease, outcome: Outcome, log: Logger) -> None:
     """The final write: retried until it lands, and shielded from the agent's own cancellation."""
     if isinstance(outcome, Failed):
         # The web app shows error_message to its users: short, redacted, no traceback.

@@ -11,7 +11,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 KEPT_MARKER = ".kept"
 
@@ -23,7 +26,7 @@ class WorkspacePolicy:
 
 
 def clean_workspaces(
-    runs_root: Path, run_id: str, attempt: int, failed: bool, policy: WorkspacePolicy, log: Any
+    runs_root: Path, run_id: str, attempt: int, failed: bool, policy: WorkspacePolicy, log: Logger
 ) -> None:
     """Remove the run's workspaces (blocking I/O: call it in a thread)."""
     run_dir = runs_root / run_id
@@ -44,7 +47,7 @@ def clean_workspaces(
         _prune_kept(runs_root, policy.max_kept, log)
 
 
-def _prune_kept(runs_root: Path, max_kept: int, log: Any) -> None:
+def _prune_kept(runs_root: Path, max_kept: int, log: Logger) -> None:
     kept = sorted(runs_root.glob(f"*/attempt-*/{KEPT_MARKER}"), key=_mtime, reverse=True)
     for marker in kept[max_kept:]:
         workspace = marker.parent

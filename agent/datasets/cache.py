@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_exponential_jitter
@@ -39,6 +39,9 @@ from agent.datasets.remote import (
     RemoteTransient,
 )
 from agent.domain.errors import DatasetError
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 T = TypeVar("T")
 MARKER_VERSION = 1
@@ -59,7 +62,7 @@ class RetryPolicy:
     initial: float = 0.5
     maximum: float = 10.0
 
-    def retrying(self, what: str, log: Any) -> AsyncRetrying:
+    def retrying(self, what: str, log: Logger) -> AsyncRetrying:
         return AsyncRetrying(
             retry=retry_if_exception_type(RemoteTransient),
             wait=_WaitRetryAfter(
@@ -86,7 +89,7 @@ class _WaitRetryAfter(wait_base):
         return wait
 
 
-def _log_retry(what: str, log: Any) -> Callable[[RetryCallState], None]:
+def _log_retry(what: str, log: Logger) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.bind(target=what, attempt=state.attempt_number).warning("retrying download: {}", exc)
@@ -106,7 +109,7 @@ class DatasetCache:
         self.marker = self.dir / "complete.json"
 
     @contextlib.asynccontextmanager
-    async def locked(self, log: Any) -> AsyncIterator[None]:
+    async def locked(self, log: Logger) -> AsyncIterator[None]:
         """Exclusive use of this cache folder, across runs of this agent and other agents on the host."""
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
         fd = await asyncio.to_thread(os.open, self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -186,7 +189,7 @@ class Fetcher:
     """Retrying, size-checked, atomic downloads from one source into one cache, bounded in concurrency."""
 
     def __init__(
-        self, source: RemoteSource, cache: DatasetCache, policy: RetryPolicy, concurrency: int, log: Any
+        self, source: RemoteSource, cache: DatasetCache, policy: RetryPolicy, concurrency: int, log: Logger
     ) -> None:
         self.source = source
         self.cache = cache
@@ -315,7 +318,7 @@ def cache_entries(cache_root: Path) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: e.used_at)
 
 
-def evict(cache_root: Path, enough: Callable[[int], bool], log: Any, keep: Path | None = None) -> int:
+def evict(cache_root: Path, enough: Callable[[int], bool], log: Logger, keep: Path | None = None) -> int:
     """Remove least recently used entries until `enough(total bytes left)`; returns bytes removed.
 
     An entry is never removed while in use: its lock is held (a run is syncing it or building its

@@ -16,7 +16,7 @@ import posixpath
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -34,13 +34,16 @@ from agent.datasets.spec import (
 )
 from agent.domain.errors import DatasetError
 
+if TYPE_CHECKING:
+    from loguru import Logger
+
 _FOREIGN_ABSOLUTE = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
 
 
 def plan_local(
     yaml_path: Path,
     dataset_root: Path | None,
-    log: Any = logger,
+    log: Logger = logger,
     stop: threading.Event | None = None,
     policy: SourcePolicy | None = None,
 ) -> DatasetPlan:
@@ -71,7 +74,7 @@ def plan_local(
 
 
 def _root(
-    spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: Any, confine: Confinement | None
+    spec: DatasetSpec, yaml_path: Path, dataset_root: Path | None, log: Logger, confine: Confinement | None
 ) -> Path:
     folder = Path(os.path.normpath(yaml_path.absolute().parent))
     if spec.path is None:
@@ -98,7 +101,7 @@ def _root(
     )
 
 
-def _stale_path(path: str, yaml_path: Path, log: Any) -> None:
+def _stale_path(path: str, yaml_path: Path, log: Logger) -> None:
     log.bind(path=path, yaml=str(yaml_path)).warning(
         "dataset YAML 'path' does not exist on this host; using the YAML's folder"
     )

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from loguru import logger
 
@@ -25,6 +25,9 @@ from agent.datasets.workspace import Built, build_workspace
 from agent.domain.errors import DatasetError
 from agent.domain.request import TrainingRequest
 from agent.ports import PreparedDataset
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 T = TypeVar("T")
 WORKSPACE_DATASET = "dataset"
@@ -121,7 +124,7 @@ class DatasetPreparer:
             )
 
     async def _prepare(
-        self, ref: LocalRef | HttpRef | StorageRef, request: TrainingRequest, workspace: Path, log: Any
+        self, ref: LocalRef | HttpRef | StorageRef, request: TrainingRequest, workspace: Path, log: Logger
     ) -> PreparedDataset:
         started = time.monotonic()
         dataset_dir = workspace / WORKSPACE_DATASET
@@ -145,7 +148,7 @@ class DatasetPreparer:
         self,
         ref: HttpRef | StorageRef,
         build: Callable[[DatasetPlan], Callable[[threading.Event], Built]],
-        log: Any,
+        log: Logger,
     ) -> tuple[Built, dict[str, int]]:
         factory = self._sources.get(ref.kind)
         if factory is None:
@@ -188,7 +191,7 @@ class DatasetPreparer:
         finally:
             await source.aclose()
 
-    def _make_room(self, cache: DatasetCache, needed: int, log: Any) -> None:
+    def _make_room(self, cache: DatasetCache, needed: int, log: Logger) -> None:
         """Evict unused cache entries while the disk is short, then fail clearly if it still is."""
         if not self.disk.short(self.cache_root, needed):
             return

@@ -22,7 +22,7 @@ import posixpath
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.datasets.aio import for_each
 from agent.datasets.cache import DatasetCache, DownloadFailed, Fetcher
@@ -42,6 +42,9 @@ from agent.datasets.spec import (
     split_entry,
 )
 from agent.domain.errors import DatasetError
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 MANIFEST = "manifest.txt"
 
@@ -83,7 +86,7 @@ async def sync_remote(
     fetcher: Fetcher,
     *,
     offline: bool,
-    log: Any,
+    log: Logger,
     relist_after: float = 0.0,
     room: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[DatasetPlan, SyncStats]:
@@ -182,7 +185,7 @@ async def _reuse(
     marker: dict[str, Any],
     fetcher: Fetcher,
     stats: SyncStats,
-    log: Any,
+    log: Logger,
 ) -> tuple[DatasetPlan, SyncStats] | None:
     """The plan of a complete cache, its listing young enough and its YAML unchanged; None: re-list."""
     try:

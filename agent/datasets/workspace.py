@@ -12,7 +12,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 
@@ -21,6 +21,9 @@ from agent.datasets.paths import ensure_inside
 from agent.datasets.spec import DatasetPlan, label_for, workspace_yaml
 from agent.domain.errors import DatasetError
 from agent.domain.request import Task
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 YAML_NAME = "data.yaml"
 SPLIT_LISTS = ".splits"
@@ -38,7 +41,7 @@ class Built:
 
 
 def build_workspace(
-    plan: DatasetPlan, task: Task | None, dataset_dir: Path, log: Any, stop: threading.Event | None = None
+    plan: DatasetPlan, task: Task | None, dataset_dir: Path, log: Logger, stop: threading.Event | None = None
 ) -> Built:
     """Write the workspace under `dataset_dir` (replacing an earlier attempt's) and return its YAML."""
     if dataset_dir.is_symlink():
@@ -244,7 +247,7 @@ def _sniff(path: Path) -> Literal["jpeg", "jpeg-truncated", "other"] | None:
     return None
 
 
-def _split_entries(plan: DatasetPlan, dataset_dir: Path, dropped: set[str], log: Any) -> dict[str, str]:
+def _split_entries(plan: DatasetPlan, dataset_dir: Path, dropped: set[str], log: Logger) -> dict[str, str]:
     entries: dict[str, str] = {}
     for name, split in plan.splits.items():
         images = [i for i in split.images if i not in dropped]
