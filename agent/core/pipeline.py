@@ -38,7 +38,7 @@ from agent.domain.messages import EpochEnd
 from agent.domain.redact import error_message, quote, redact
 from agent.domain.request import Task, TrainingRequest, parse_request
 from agent.domain.results import summarize
-from agent.domain.run import Artifact, Canceled, Claimed, Completed, Failed, Lease, Outcome
+from agent.domain.run import Artifact, Canceled, Claimed, Completed, Failed, Lease, Outcome, Pulse
 from agent.ports import (
     BlobStore,
     ChildExit,
@@ -558,49 +558,76 @@ class _CheckpointUploader:
 async def _heartbeat(
     deps: Deps, control: RunControl, progress: tuple[ProgressTracker, asyncio.Event] | None
 ) -> None:
-    """Fenced writes that keep the lease alive, carry progress, and notice lost leases or cancels.
-
-    With a tracker: write at most every progress_interval while progress moves, at once on an
-    epoch end, and at least every heartbeat_interval.
-    """
-    settings = deps.settings
+    """Fenced writes that keep the lease alive and carry progress; what each learns goes to `control`."""
     lease = control.lease
     log = logger.bind(run_id=lease.run_id, worker=lease.worker_id, attempt=lease.attempt)
-    last_write = time.monotonic()
+    schedule = _WriteSchedule(deps.settings, progress)
     while True:
-        tracker, wake = progress if progress else (None, None)
-        if wake is not None:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settings.progress_interval):
-                    await wake.wait()
-            wake.clear()
-            idle = time.monotonic() - last_write
-            if tracker is not None and not tracker.dirty and idle < settings.heartbeat_interval:
-                continue
-            if tracker is not None and not tracker.urgent and idle < settings.progress_interval:
-                continue
-        else:
-            await asyncio.sleep(settings.heartbeat_interval)
-        patch = None
-        if tracker is not None and tracker.dirty:
-            patch = tracker.results_patch()
-            tracker.dirty = tracker.urgent = False
+        patch = await schedule.next_write()
         try:
             pulse = await deps.store.touch(lease, patch)
         except (BackendError, BackendUnavailable) as exc:
             # Missing one write is harmless; the next interval tries again, the final write retries.
             log.warning("progress write failed: {}", exc)
-            if tracker is not None and patch is not None:
-                tracker.dirty = True
+            schedule.not_written(patch)
             continue
-        last_write = time.monotonic()
-        if pulse is None:
-            control.interrupt("lost")
+        schedule.written()
+        if not _still_held(control, pulse):
             return
-        if pulse.cancel_requested:
-            # Normally the cancel event arrives first; this covers an event that was lost.
-            control.interrupt("cancel")
+
+
+@dataclass
+class _WriteSchedule:
+    """When the next fenced write is due, and the progress it carries.
+
+    Without a tracker: every heartbeat_interval. With one: at most every progress_interval while
+    progress moves, at once on an epoch end, and at least every heartbeat_interval.
+    """
+
+    settings: PipelineSettings
+    progress: tuple[ProgressTracker, asyncio.Event] | None
+    last_write: float = field(default_factory=time.monotonic)
+
+    async def next_write(self) -> dict[str, Any] | None:
+        """Wait until a write is due; the results patch it carries, if progress moved."""
+        if self.progress is None:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            return None
+        tracker, wake = self.progress
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.progress_interval):
+                    await wake.wait()
+            wake.clear()
+            idle = time.monotonic() - self.last_write
+            if not tracker.dirty and idle < self.settings.heartbeat_interval:
+                continue
+            if not tracker.urgent and idle < self.settings.progress_interval:
+                continue
+            break
+        if not tracker.dirty:
+            return None
+        tracker.dirty = tracker.urgent = False
+        return tracker.results_patch()
+
+    def written(self) -> None:
+        self.last_write = time.monotonic()
+
+    def not_written(self, patch: dict[str, Any] | None) -> None:
+        if self.progress is not None and patch is not None:
+            self.progress[0].dirty = True
+
+
+def _still_held(control: RunControl, pulse: Pulse | None) -> bool:
+    """Act on what a fenced write learned; False once the lease is lost (no write matched)."""
+    if pulse is None:
+        control.interrupt("lost")
+        return False
+    if pulse.cancel_requested:
+        # Normally the cancel event arrives first; this covers an event that was lost.
+        control.interrupt("cancel")
+    return True
 
 
 async def _until_interrupted(control: RunControl, work: Awaitable[T]) -> T:
