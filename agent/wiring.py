@@ -221,15 +221,7 @@ def build_agent(
         datasets=datasets,
         trainer=trainer,
         resolve_model=resolver,
-        settings=PipelineSettings(
-            runs_root=settings.runs_root,
-            progress_interval=settings.progress_interval,
-            heartbeat_interval=settings.heartbeat_interval,
-            checkpoint_interval=settings.checkpoint_interval,
-            workspaces=WorkspacePolicy(settings.keep_failed_workspaces, settings.max_kept_workspaces),
-            allow_fake_trainer=settings.fake_trainer_allowed,
-            checkpoint_key=agent_secret(settings),
-        ),
+        settings=pipeline_settings(settings, agent_secret(settings)),
         models=backends.models,
     )
     hardware = detect_hardware()
@@ -244,17 +236,7 @@ def build_agent(
         cpu_model=hardware.cpu_model,
         ram_gb=hardware.ram_gb,
     )
-    loop = LoopSettings(
-        worker=worker,
-        max_concurrent_runs=slots,
-        devices=plan.devices,
-        poll_interval=settings.poll_interval,
-        degraded_poll_interval=settings.degraded_poll_interval,
-        heartbeat_interval=settings.heartbeat_interval,
-        stale_after=settings.stale_after,
-        max_attempts=settings.max_attempts,
-        shutdown_mode=settings.shutdown_mode,
-    )
+    loop = loop_settings(settings, worker, plan.devices, slots)
     services: dict[str, Service] = {}
     if metrics is not None and settings.metrics_port is not None:
         from agent.metrics import serve
@@ -264,6 +246,36 @@ def build_agent(
         services["metrics endpoint"] = lambda: serve(port, metrics, agent.health, backends.events)
     agent = Agent(deps, backends.events, loop, services)
     return agent
+
+
+def pipeline_settings(settings: Settings, checkpoint_key: bytes | None) -> PipelineSettings:
+    """The pipeline's part of the settings."""
+    return PipelineSettings(
+        runs_root=settings.runs_root,
+        progress_interval=settings.progress_interval,
+        heartbeat_interval=settings.heartbeat_interval,
+        checkpoint_interval=settings.checkpoint_interval,
+        workspaces=WorkspacePolicy(settings.keep_failed_workspaces, settings.max_kept_workspaces),
+        allow_fake_trainer=settings.fake_trainer_allowed,
+        checkpoint_key=checkpoint_key,
+    )
+
+
+def loop_settings(
+    settings: Settings, worker: WorkerInfo, devices: tuple[str, ...], slots: int
+) -> LoopSettings:
+    """The agent loop's part of the settings, for `slots` concurrent runs on `devices`."""
+    return LoopSettings(
+        worker=worker,
+        max_concurrent_runs=slots,
+        devices=devices,
+        poll_interval=settings.poll_interval,
+        degraded_poll_interval=settings.degraded_poll_interval,
+        heartbeat_interval=settings.heartbeat_interval,
+        stale_after=settings.stale_after,
+        max_attempts=settings.max_attempts,
+        shutdown_mode=settings.shutdown_mode,
+    )
 
 
 def agent_secret(settings: Settings) -> bytes | None:

@@ -54,16 +54,18 @@ FORCED_EXIT_MESSAGE = (
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """What the agent loop is told; the defaults live in agent.config (built in wiring)."""
+
     worker: WorkerInfo
-    max_concurrent_runs: int = 1
+    max_concurrent_runs: int
     # The devices runs are pinned to; ("cpu",) trains on the CPU. Slots: max_concurrent_runs.
-    devices: tuple[str, ...] = ("cpu",)
-    poll_interval: float = 60.0
-    degraded_poll_interval: float = 5.0
-    heartbeat_interval: float = 10.0
-    stale_after: float = 120.0
-    max_attempts: int = 3
-    shutdown_mode: ShutdownMode = "wait"
+    devices: tuple[str, ...]
+    poll_interval: float
+    degraded_poll_interval: float
+    heartbeat_interval: float
+    stale_after: float
+    max_attempts: int
+    shutdown_mode: ShutdownMode
 
 
 class Agent:

@@ -63,14 +63,16 @@ ModelResolver = Callable[[TrainingRequest, Task], str]
 
 @dataclass(frozen=True)
 class PipelineSettings:
+    """What a run's pipeline is told; the defaults live in agent.config (built in wiring)."""
+
     runs_root: Path
-    progress_interval: float = 2.0
-    heartbeat_interval: float = 10.0
-    checkpoint_interval: float = 300.0
-    workspaces: WorkspacePolicy = field(default_factory=WorkspacePolicy)
-    allow_fake_trainer: bool = False
+    progress_interval: float
+    heartbeat_interval: float
+    checkpoint_interval: float
+    workspaces: WorkspacePolicy
+    allow_fake_trainer: bool
     # The key checkpoints are signed with (AGENT_SECRET); None: no checkpoint is ever resumed.
-    checkpoint_key: bytes | None = field(default=None, repr=False)
+    checkpoint_key: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True)

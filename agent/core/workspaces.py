@@ -21,8 +21,8 @@ KEPT_MARKER = ".kept"
 
 @dataclass(frozen=True, slots=True)
 class WorkspacePolicy:
-    keep_failed: bool = False
-    max_kept: int = 5
+    keep_failed: bool
+    max_kept: int
 
 
 def clean_workspaces(

@@ -8,11 +8,13 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loguru import logger
 
 from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
+from agent.config import Settings
 from agent.core.agent import Agent, LoopSettings
 from agent.core.pipeline import Deps, PipelineSettings, sign_checkpoint
 from agent.core.progress import ProgressTracker, hhmmss
@@ -23,6 +25,7 @@ from agent.domain.messages import BatchProgress, Done, EpochEnd, Started, Traine
 from agent.domain.request import Task, TrainingRequest
 from agent.domain.run import WorkerInfo
 from agent.ports import ChildExit, PreparedDataset, TrainJob
+from agent.wiring import loop_settings, pipeline_settings
 from tests.util import wait_for
 
 
@@ -117,6 +120,19 @@ class Harness:
 AGENT_KEY = b"k" * 32
 
 
+def pipeline_for(runs: Path, checkpoint_key: bytes | None = None, **overrides: Any) -> PipelineSettings:
+    """The pipeline's settings as wiring builds them from the defaults, with a test's overrides."""
+    return pipeline_settings(Settings(runs_dir=runs, **overrides), checkpoint_key)
+
+
+def loop_for(
+    worker: WorkerInfo, devices: tuple[str, ...], slots: int | None = None, **overrides: Any
+) -> LoopSettings:
+    """The agent loop's settings as wiring builds them from the defaults, with a test's overrides."""
+    settings = Settings(**overrides)
+    return loop_settings(settings, worker, devices, slots or settings.max_concurrent_runs or 1)
+
+
 def harness(tmp_path: Path, epoch_seconds: float = 0.02, **loop: object) -> Harness:
     store = MemoryStore()
     events = MemoryEvents(store)
@@ -128,11 +144,11 @@ def harness(tmp_path: Path, epoch_seconds: float = 0.02, **loop: object) -> Harn
         datasets=NoDatasets(),
         trainer=trainer,
         resolve_model=resolve,
-        settings=PipelineSettings(
-            runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2, checkpoint_key=AGENT_KEY
+        settings=pipeline_for(
+            tmp_path, AGENT_KEY, progress_interval=0.05, heartbeat_interval=0.2, allow_fake_trainer=False
         ),
     )
-    settings = LoopSettings(worker=WorkerInfo("w1", "host", "test"), **loop)  # type: ignore[arg-type]
+    settings = loop_for(WorkerInfo("w1", "host", "test"), ("cpu",), **loop)
     return Harness(store, events, blobs, trainer, Agent(deps, events, settings))
 
 
@@ -376,7 +392,10 @@ def test_kept_workspaces_are_capped_oldest_removed_first(tmp_path: Path) -> None
         os.utime(ws / KEPT_MARKER, (1000 + i, 1000 + i))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r2", "r3"]
     # A completed run, and a failed one with keeping off, leave nothing behind.
-    for run, failed, policy_ in (("ok", False, policy), ("f", True, WorkspacePolicy())):
+    for run, failed, policy_ in (
+        ("ok", False, policy),
+        ("f", True, WorkspacePolicy(keep_failed=False, max_kept=5)),
+    ):
         (tmp_path / run / "attempt-2" / "dataset").mkdir(parents=True)
         (tmp_path / run / "attempt-1").mkdir()  # an earlier attempt on this host
         clean_workspaces(tmp_path, run, 2, failed, policy_, logger)

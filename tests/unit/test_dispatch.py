@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.backends.memory import MemoryBlobs, MemoryEvents, MemoryStore
-from agent.core.agent import Agent, LoopSettings
-from agent.core.pipeline import Deps, PipelineSettings
+from agent.core.agent import Agent
+from agent.core.pipeline import Deps
 from agent.domain.errors import BackendUnavailable
 from agent.domain.messages import Done, Started, TrainerMessage
 from agent.domain.run import Hint, WorkerInfo, WorkerState
 from agent.domain.status import WorkerStatus
 from agent.ports import ChildExit, TrainJob
-from tests.unit.test_core import NoDatasets, ScriptedTrainer, resolve
+from tests.unit.test_core import NoDatasets, ScriptedTrainer, loop_for, pipeline_for, resolve
 from tests.util import wait_for
 
 DEVICES = ("0", "1", "2", "3")
@@ -107,14 +107,14 @@ def make_agent(
         datasets=NoDatasets(),
         trainer=trainer,
         resolve_model=resolve,
-        settings=PipelineSettings(
-            runs_root=tmp_path, progress_interval=0.05, heartbeat_interval=0.2, allow_fake_trainer=True
+        settings=pipeline_for(
+            tmp_path, progress_interval=0.05, heartbeat_interval=0.2, allow_fake_trainer=True
         ),
     )
     gpus = tuple(f"GPU {d}" for d in devices if d != "cpu")
     capacity = slots or len(devices)
     worker = WorkerInfo("w1", "host", "test", gpus=gpus, slots=capacity)
-    settings = LoopSettings(worker=worker, max_concurrent_runs=capacity, devices=devices, **loop)  # type: ignore[arg-type]
+    settings = loop_for(worker, devices, capacity, **loop)
     return Agent(deps, events, settings), store, events
 
 
