@@ -174,7 +174,7 @@ def build_agent(
 ) -> Agent:
     from agent.datasets import DatasetPreparer, DiskSpace, SourcePolicy
     from agent.datasets.disk import GB
-    from agent.training.supervisor import ChildTrainer
+    from agent.training.parent import ChildTrainer
     from agent.training.weights import resolve_model
 
     datasets = DatasetPreparer(

@@ -651,7 +651,7 @@ async def _until_interrupted(control: RunControl, work: Awaitable[T]) -> T:
 
 
 TRAIN_LOG = "train.log"
-CHILD_LOG = "child.log"  # the trainer's stdout and stderr in its workspace (training/supervisor.py)
+CHILD_LOG = "child.log"  # the trainer's stdout and stderr in its workspace (training/parent.py)
 _TRAIN_LOG_LINES = 200
 _TRAIN_LOG_BYTES = 256 * 1024
 

@@ -210,24 +210,42 @@ async def _index(
     previous: dict[str, Any] | None,
     manifest_fetch: Awaitable[list[RemoteFile] | None],
 ) -> _Index:
-    where = source.describe(yaml_name)
-    index = _Index(root=remote_root(spec.path, where))
+    """What the dataset holds: each split's images, and which labels exist, are absent or need a probe."""
+    index = _Index(root=remote_root(spec.path, source.describe(yaml_name)))
     manifest = await manifest_fetch
     for f in manifest or []:
         inside = _inside(index.root, f.path)
         if inside is not None and f.path.endswith(".txt"):
             index.listed.add(inside)
     old_absent = set(previous.get("absent", [])) if previous and previous.get("root") == index.root else set()
-    # Every entry is checked first, then every list file and folder listing is fetched at once;
-    # their results are used in the YAML's order, so the plan and the first error are as one by one.
+    checked = _checked_entries(spec, index.root)
+    texts, listings = await _lists_and_listings(checked, fetcher, manifest)
+    for name, items in checked.items():
+        index.splits[name] = _split_plan(source, spec, index, name, items, texts, listings, manifest)
+    _sort_labels(index, manifest, old_absent)
+    return index
+
+
+def _checked_entries(spec: DatasetSpec, root: str) -> dict[str, list[tuple[str, str]]]:
+    """Every split entry checked before anything is fetched: (its path under the root, how to name it)."""
     checked: dict[str, list[tuple[str, str]]] = {}
     for name, entries in spec.splits.items():
         checked[name] = []
         for entry in entries:
             what = f"dataset YAML '{name}: {entry[:200]}'"
-            rel = split_entry(index.root, entry, what)
-            _under(index.root, rel, what)
+            rel = split_entry(root, entry, what)
+            _under(root, rel, what)
             checked[name].append((rel, what))
+    return checked
+
+
+async def _lists_and_listings(
+    checked: dict[str, list[tuple[str, str]]], fetcher: Fetcher, manifest: list[RemoteFile] | None
+) -> tuple[dict[str, str], dict[str, list[RemoteFile]]]:
+    """Every list file and folder listing fetched at once, awaited in the YAML's order.
+
+    So the plan and the first error are as they would be one by one.
+    """
     text_tasks: dict[str, asyncio.Task[str]] = {}
     listing_tasks: dict[str, asyncio.Task[list[RemoteFile]]] = {}
     in_order: list[asyncio.Task[Any]] = []
@@ -244,26 +262,43 @@ async def _index(
     await _in_order(in_order)
     texts = {rel: task.result() for rel, task in text_tasks.items()}
     listings = {folder: task.result() for folder, task in listing_tasks.items()}
-    for name, items in checked.items():
-        images: list[str] = []
-        folders: list[str] = []
-        for rel, what in items:
-            if rel.endswith(".txt"):
-                images.extend(_from_list(index, rel, texts[rel], what))
-            elif is_image(rel):
-                images.append(_under(index.root, rel, what))
-            else:
-                folders.append(rel)
-                images.extend(_from_folder(index, manifest, listings, rel))
-        entries = spec.splits[name]
-        if not images:
-            shown = ", ".join(source.describe(e) for e in folders or entries)
-            raise DatasetError(
-                f"dataset YAML '{name}' has no images at {shown}; the server must list folders, "
-                f"or put {MANIFEST} beside the YAML, or list images in .txt files"
-            )
-        directory = _under(index.root, folders[0], name) if len(entries) == 1 and folders else None
-        index.splits[name] = SplitPlan(images=tuple(dict.fromkeys(images)), directory=directory)
+    return texts, listings
+
+
+def _split_plan(
+    source: RemoteSource,
+    spec: DatasetSpec,
+    index: _Index,
+    name: str,
+    items: list[tuple[str, str]],
+    texts: dict[str, str],
+    listings: dict[str, list[RemoteFile]],
+    manifest: list[RemoteFile] | None,
+) -> SplitPlan:
+    """One split's images, from its list files, image paths and folders."""
+    images: list[str] = []
+    folders: list[str] = []
+    for rel, what in items:
+        if rel.endswith(".txt"):
+            images.extend(_from_list(index, rel, texts[rel], what))
+        elif is_image(rel):
+            images.append(_under(index.root, rel, what))
+        else:
+            folders.append(rel)
+            images.extend(_from_folder(index, manifest, listings, rel))
+    entries = spec.splits[name]
+    if not images:
+        shown = ", ".join(source.describe(e) for e in folders or entries)
+        raise DatasetError(
+            f"dataset YAML '{name}' has no images at {shown}; the server must list folders, "
+            f"or put {MANIFEST} beside the YAML, or list images in .txt files"
+        )
+    directory = _under(index.root, folders[0], name) if len(entries) == 1 and folders else None
+    return SplitPlan(images=tuple(dict.fromkeys(images)), directory=directory)
+
+
+def _sort_labels(index: _Index, manifest: list[RemoteFile] | None, old_absent: set[str]) -> None:
+    """Each image's label: listed (fetch it), known absent, or to be probed."""
     for split in index.splits.values():
         for image in split.images:
             label = label_for(image)
@@ -274,7 +309,6 @@ async def _index(
             else:
                 index.probe.add(label)
     index.probe -= index.labels | index.absent
-    return index
 
 
 async def _manifest(fetcher: Fetcher) -> list[RemoteFile] | None:

@@ -1,4 +1,4 @@
-"""Training: the parent-side supervisor and the child process that trains (the only ultralytics user).
+"""Training: the parent side that starts, watches and stops a child, and the child that trains.
 
 Kept empty on purpose: `python -m agent.training.child` imports this package first and must start fast.
 """

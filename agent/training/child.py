@@ -1,6 +1,6 @@
 """Entry point of the trainer child: `python -m agent.training.child --job FILE --fd N`.
 
-Started by the supervisor in its own process group. Messages go to fd N as JSON lines;
+Started by the parent (training/parent.py) in its own process group. Messages go to fd N as JSON lines;
 stdin carries commands ("stop"). Exit codes: 0 done or stopped, 1 error, others a crash.
 """
 

@@ -1,6 +1,6 @@
 """The built-in fake trainer: plausible messages and files, no torch, starts in milliseconds.
 
-Tests and benchmarks run it through the real child process and supervisor. Each epoch lasts
+Tests and benchmarks run it through the real child process and its parent side. Each epoch lasts
 `fake.epoch_seconds` split into `fake.batches` batches; a stop is honoured within one batch.
 `fake.crash_at_epoch` simulates a hard crash: an error line on stderr, exit code 3, no message.
 """

@@ -107,7 +107,7 @@ def run_yolo(job: TrainJob, control: Control, *, offline: bool, slow_batch: floa
         return
     # Multi-GPU: ultralytics pickles the callbacks into its DDP processes (this child's process
     # group) and waits for them; rank 0 writes its messages to a file that a thread here relays.
-    # A stop aborts the wait at once, and the supervisor kills what is left of the group.
+    # A stop aborts the wait at once, and the parent kills what is left of the group.
     relay.start()
     control.interruptible = True
     try:

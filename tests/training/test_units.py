@@ -144,7 +144,7 @@ def test_prepare_offline_seeds_fonts(tmp_path: Path) -> None:
 def test_parent_modules_and_fake_child_do_not_import_heavy_libraries() -> None:
     code = (
         "import sys\n"
-        "import agent.training.supervisor, agent.training.weights, agent.training.procgroup\n"
+        "import agent.training.parent, agent.training.weights, agent.training.procgroup\n"
         "import agent.training.child, agent.training.fake, agent.training.yolo\n"
         "heavy = sorted(m for m in ('torch', 'ultralytics', 'numpy', 'cv2') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

@@ -15,7 +15,7 @@ from agent.domain.messages import BatchProgress, Done, EpochEnd, Error, Started,
 from agent.domain.request import Task
 from agent.ports import PreparedDataset, TrainJob
 from agent.training.child import AUDIT_SOCKETS_ENV, SLOW_BATCH_ENV
-from agent.training.supervisor import ChildProcess, ChildTrainer
+from agent.training.parent import ChildProcess, ChildTrainer
 from tests.training import helpers
 
 pytestmark = pytest.mark.slow

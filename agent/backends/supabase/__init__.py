@@ -53,7 +53,7 @@ async def connect_client(url: str, key: str, http: httpx.AsyncClient) -> AsyncCl
 def realtime_factory(
     client: AsyncClient, *, timeout: int = 10, max_retries: int = 5, initial_backoff: float = 0.5
 ) -> RealtimeFactory:
-    """Fresh realtime clients for the events supervisor, built as the supabase client builds its own."""
+    """Fresh realtime clients for the events watchdog, built as the supabase client builds its own."""
 
     def make() -> AsyncRealtimeClient:
         realtime = AsyncRealtimeClient(

@@ -1,4 +1,4 @@
-"""RunEvents over Supabase Realtime `postgres_changes`, supervised because the stream has gaps.
+"""RunEvents over Supabase Realtime `postgres_changes`, watched over because the stream has gaps.
 
 Known gaps of Realtime and of realtime-py 2.34.1, and what this module does about each:
 
@@ -9,12 +9,12 @@ Known gaps of Realtime and of realtime-py 2.34.1, and what this module does abou
   see the changes of that window. A join with no such message within `postgres_timeout` is rebuilt.
 - After `max_retries` failed reconnects the client gives up and stays silent with no socket
   (realtime/_async/client.py `connect`, the `raise` after the retry loop, inside its listen task):
-  the supervisor rebuilds the whole client when the socket stays down past `reconnect_grace`.
+  the watchdog rebuilds the whole client when the socket stays down past `reconnect_grace`.
 - A channel the server closes (`phx_close`) is removed and never rejoined (channel.py `on_close`),
-  and a join that keeps failing retries forever: the supervisor rebuilds the channel.
+  and a join that keeps failing retries forever: the watchdog rebuilds the channel.
 - The client sends its heartbeats with `ref: null` and ignores the replies (client.py `_heartbeat`
   and `_listen`, which routes frames by topic only), so a stalled socket goes unnoticed: the
-  supervisor sends its own `phoenix` heartbeats with refs, through a channel object registered
+  watchdog sends its own `phoenix` heartbeats with refs, through a channel object registered
   under the `phoenix` topic, and rebuilds the client when a reply is missing.
 - A callback that raises unwinds the client's listen task and stops all delivery
   (client.py `_listen` calls `channel._handle_message` unguarded): every callback here catches
@@ -115,7 +115,7 @@ def _unparsed_frame(message: str) -> dict[str, Any] | None:
 
 
 class _ToLoguru(logging.Handler):
-    """realtime-py logs every failed reconnect at ERROR; the supervisor reports outages itself."""
+    """realtime-py logs every failed reconnect at ERROR; the watchdog reports outages itself."""
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
@@ -137,9 +137,9 @@ def quiet_realtime_logging() -> None:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Supervisor timings, in seconds."""
+    """Watchdog timings, in seconds."""
 
-    check_interval: float = 0.5  # how often the supervisor looks at the client's state
+    check_interval: float = 0.5  # how often the watchdog looks at the client's state
     heartbeat_interval: float = 10.0  # own Phoenix heartbeats while subscribed
     heartbeat_timeout: float = 10.0  # a missing reply within this rebuilds the client
     reconnect_grace: float = 10.0  # the client's own reconnect may take this long
@@ -203,7 +203,7 @@ class _Stable(Exception):
 
 
 class SupabaseEvents:
-    """Hints from one Realtime channel per agent, with a supervisor that keeps it subscribed."""
+    """Hints from one Realtime channel per agent, with a watchdog that keeps it subscribed."""
 
     def __init__(
         self,
@@ -259,7 +259,7 @@ class SupabaseEvents:
 
     @property
     def rebuilds(self) -> int:
-        """How many times the supervisor rebuilt the channel or the client (for logs and tests)."""
+        """How many times the watchdog rebuilt the channel or the client (for logs and tests)."""
         return self._rebuilds
 
     @property
@@ -283,7 +283,7 @@ class SupabaseEvents:
         return {run_id: feed.ready for run_id, feed in self._feeds.items()}
 
     def follow(self, run_ids: frozenset[str]) -> None:
-        """Follow exactly these runs, each on a channel of its own; the supervisor joins and leaves."""
+        """Follow exactly these runs, each on a channel of its own; the watchdog joins and leaves."""
         self._followed = frozenset(run_ids)
         self._wake.set()
 
@@ -420,7 +420,7 @@ class SupabaseEvents:
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns instead of raising when
             # a cancel lands in the same step as the wake-up (a run ending at shutdown calls
-            # follow()), and the cancelled supervisor would then rebuild forever.
+            # follow()), and the cancelled watchdog would then rebuild forever.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._t.check_interval):
                     await self._wake.wait()

@@ -129,7 +129,7 @@ class ChildTrainer:
             )
             await child._open(read_fd)
         except BaseException:
-            # Nobody would supervise it: take the whole group down before giving up.
+            # Nobody would watch over it: take the whole group down before giving up.
             signal_group(proc.pid, signal.SIGKILL)
             raise
         child.log.debug("trainer child started", trainer=job.request.trainer, workspace=str(job.workspace))
@@ -160,7 +160,7 @@ class ChildProcess:
         self._stopper: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self.log = logger.bind(run_id=run_id, pid=proc.pid)
-        self._exit: asyncio.Task[int] = asyncio.create_task(self._supervise(), name=f"child-{proc.pid}-exit")
+        self._exit: asyncio.Task[int] = asyncio.create_task(self._watch_exit(), name=f"child-{proc.pid}-exit")
 
     @property
     def pid(self) -> int:
@@ -252,7 +252,7 @@ class ChildProcess:
         await asyncio.wait({self._exit}, timeout=seconds)
         return self._exit.done()
 
-    async def _supervise(self) -> int:
+    async def _watch_exit(self) -> int:
         returncode = await self._proc.wait()
         if self._proc.stdin is not None:
             self._proc.stdin.close()

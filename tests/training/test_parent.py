@@ -13,7 +13,7 @@ import pytest
 from agent.domain.messages import BatchProgress, Done, EpochEnd, Started, Stopped, TrainerMessage
 from agent.domain.request import FakeOptions
 from agent.training.fake import CRASH_EXIT_CODE, FAKE_WEIGHTS_MAGIC
-from agent.training.supervisor import CHILD_LOG, ChildProcess, ChildTrainer
+from agent.training.parent import CHILD_LOG, ChildProcess, ChildTrainer
 from tests.training import helpers
 from tests.util import wait_for
 
