@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 60.0  # Phoenix closes a websocket that sends nothing (not even a heartbeat) this long
 PRIVATE_ONLY = "PrivateOnly: This project only allows private channels"
+# A tenant's max_channels_per_client (100 by default): the join past it is refused with this.
+TOO_MANY_CHANNELS = "ChannelRateLimitReached: Too many channels"
 UNAUTHORIZED = "Error 401: Unauthorized"
 
 
@@ -183,6 +185,7 @@ class Realtime:
         *,
         quota: EventQuota | None = None,
         private_only: bool = False,
+        max_channels_per_client: int = 100,
     ) -> None:
         self._pool = pool
         self._faults = faults
@@ -192,6 +195,7 @@ class Realtime:
         self.joins = 0  # joins answered ok, over the server's life
         self.quota = quota or EventQuota()
         self.private_only = private_only  # the project's "allow public access to channels" turned off
+        self.max_channels_per_client = max_channels_per_client  # per socket, as Realtime counts them
         self._shadow: list[tuple[Binding, int]] = []
         faults._drop_subscriptions = self.drop_subscriptions
 
@@ -308,6 +312,9 @@ class Realtime:
             return
         if topic == "realtime:":
             conn.reply(frame, "error", {"reason": "TopicNameRequired: You must provide a topic name"})
+            return
+        if topic not in conn.channels and len(conn.channels) >= self.max_channels_per_client:
+            conn.reply(frame, "error", {"reason": TOO_MANY_CHANNELS})
             return
         old = conn.channels.pop(topic, None)
         if old is not None:

@@ -49,6 +49,7 @@ class StandIn:
         quota_tick: float = 1.0,
         quota_window: int = 10,
         private_only: bool = False,
+        max_channels_per_client: int = 100,
     ) -> None:
         self.database_url = database_url
         self.storage_dir = Path(storage_dir)
@@ -69,6 +70,7 @@ class StandIn:
             self.sync_triggers,
             quota=EventQuota(max_events_per_second, tick=quota_tick, window=quota_window),
             private_only=private_only,
+            max_channels_per_client=max_channels_per_client,
         )
         self._feed: ChangeFeed | None = None
         self._runner: web.AppRunner | None = None

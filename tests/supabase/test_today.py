@@ -362,3 +362,68 @@ async def test_an_agent_holding_a_run_stops_at_once_and_its_stream_stays_alive_u
         cur = await conn.execute("select status, worker_id from training_runs where id = %s", [run_id])
         assert await cur.fetchone() == ("queued", None)
     assert not [w for w in warnings if "own writes came back" in w]
+
+
+def _agent_channels(standin: StandIn) -> list[str]:
+    """Topics joined on the server by agents (not by a test's own clients)."""
+    return sorted(
+        topic
+        for conn in standin.realtime._connections
+        for topic in conn.channels
+        if topic.startswith("realtime:saturnos-agent:")
+    )
+
+
+async def test_a_channel_past_the_per_client_cap_is_refused_as_realtime_refuses_it(
+    standin: StandIn, events: SupabaseEvents, warnings: list[str]
+) -> None:
+    standin.realtime.max_channels_per_client = 1  # the agent's own channel is the one allowed
+    async with listening(events, Heard()) as heard:
+        events.follow(frozenset({"5f0c1d2e-0000-4000-8000-000000000001"}))
+        await wait_for(lambda: any("Too many channels" in p for p in events.problems), what="refusal")
+        assert events.healthy and not [h for h in heard.hints if h.op == "CHECK"]
+    assert any("ChannelRateLimitReached: Too many channels" in w for w in warnings)
+
+
+async def test_an_agent_serving_run_after_run_keeps_one_channel_plus_one_per_held_run(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    from agent.wiring import build_agent
+
+    # Realtime refuses a socket's channel past its cap: a feed left behind would soon hit it.
+    standin.realtime.max_channels_per_client = 2
+    settings = settings_for(
+        standin,
+        tmp_path / "agent",
+        poll_interval=600.0,
+        heartbeat_interval=0.5,
+        stale_after=30.0,
+        offline=True,
+    )
+    backends = await open_supabase(settings, tuning=FAST)
+    agent = build_agent(settings, backends, offline=True)
+    task = asyncio.create_task(agent.run())
+    events = backends.events
+    assert isinstance(events, SupabaseEvents)
+    most = 0
+    try:
+        await wait_for(lambda: agent.ready.is_set(), what="agent ready")
+        for _ in range(6):
+            run_id = await backends.admin.submit(
+                NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.3})
+            )
+            await wait_for(lambda run_id=run_id: events.feeds.get(run_id), timeout=10, what="its feed up")
+            most = max(most, len(_agent_channels(standin)))
+
+            async def done(run_id: str = run_id) -> bool:
+                row = await backends.admin.get(run_id)
+                return row is not None and row.status.value == "completed"
+
+            await wait_for(done, timeout=20, what="the run completed")
+        await wait_for(lambda: len(_agent_channels(standin)) == 1, what="only the agent's own channel left")
+    finally:
+        agent.stop("test over")
+        await asyncio.wait_for(task, timeout=30)
+        await backends.close()
+    assert most == 2
+    assert not [p for p in events.problems if "Too many channels" in p]
