@@ -246,30 +246,38 @@ def quiet_agent(project: Project, tmp_path: Path) -> Iterator[AgentProc]:
         proc.kill()
 
 
-async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
-    app: AsyncClient, project: Project, quiet_agent: AgentProc
-) -> None:
-    agent = quiet_agent
+async def quiet_run(app: AsyncClient, agent: AgentProc, name: str) -> tuple[str, int]:
+    """A long fake run inserted as the app does, training, its start written: (run id, trainer pid).
+
+    The quiet agent writes the trainer's start at once and then nothing for 30 s, so only an event
+    can stop the run sooner.
+    """
     await wait_agent_ready(agent)
     config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 120, "fakeBatches": 1200}
     inserted = (
         await app.table("training_runs")
-        .insert({"run_name": "to be deleted", "data_yaml": "fake.yaml", "configuration": config})
+        .insert({"run_name": name, "data_yaml": "fake.yaml", "configuration": config})
         .execute()
     )
-    run_id = inserted.data[0]["id"]
+    run_id = str(inserted.data[0]["id"])
     started = await wait_for(
         lambda: [r for r in agent.logged("trainer started") if r.get("run_id") == run_id],
         timeout=20,
         what="trainer started",
     )
-    pid = int(started[0]["pid"])
 
     async def trainer_start_written() -> bool:
         return bool(((await row(app, run_id))["results"] or {}).get("progress"))
 
-    # The trainer's start is written at once; after it, nothing for 30 s.
     await wait_for(trainer_start_written, timeout=20, what="trainer start written")
+    return run_id, int(started[0]["pid"])
+
+
+async def test_a_run_deleted_by_the_app_stops_its_trainer_on_the_realtime_event(
+    app: AsyncClient, project: Project, quiet_agent: AgentProc
+) -> None:
+    agent = quiet_agent
+    run_id, pid = await quiet_run(app, agent, "to be deleted")
     # TrainingConfiguration.jsx's delete button, with the browser's anon key (the agent's
     # service role has no DELETE): only the Realtime DELETE event can stop the trainer this soon.
     browser = await acreate_client(project.url, project.anon_key)
@@ -286,25 +294,7 @@ async def test_a_run_claimed_by_the_old_script_stops_its_trainer_on_the_realtime
     app: AsyncClient, quiet_agent: AgentProc
 ) -> None:
     agent = quiet_agent
-    await wait_agent_ready(agent)
-    config = {"trainer": "fake", "epochs": 2, "fakeEpochSeconds": 120, "fakeBatches": 1200}
-    inserted = (
-        await app.table("training_runs")
-        .insert({"run_name": "taken over", "data_yaml": "fake.yaml", "configuration": config})
-        .execute()
-    )
-    run_id = inserted.data[0]["id"]
-    started = await wait_for(
-        lambda: [r for r in agent.logged("trainer started") if r.get("run_id") == run_id],
-        timeout=20,
-        what="trainer started",
-    )
-    pid = int(started[0]["pid"])
-
-    async def trainer_start_written() -> bool:
-        return bool(((await row(app, run_id))["results"] or {}).get("progress"))
-
-    await wait_for(trainer_start_written, timeout=20, what="trainer start written")
+    run_id, pid = await quiet_run(app, agent, "taken over")
     # A mixed rollout: the old script claims with an unconditional update. Its new row names only
     # the other worker, so nothing filtered on this agent's worker id would hear it.
     await (

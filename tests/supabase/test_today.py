@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from agent.backends.supabase import (
     realtime_factory,
 )
 from agent.backends.supabase.transport import http_client
+from agent.core.agent import Agent
 from agent.domain.errors import MissingPrivilege
 from agent.domain.run import Lease, NewRun, WorkerInfo, WorkerState
 from agent.domain.status import WorkerStatus
@@ -280,64 +283,22 @@ async def test_startup_names_the_missing_grant_not_a_missing_schema(standin: Sta
     assert "apply the saturnos-agent schema" not in str(denied.value)
 
 
-async def test_an_idle_agent_heals_a_dropped_subscription_within_three_heartbeats(
-    standin: StandIn, tmp_path: Path
-) -> None:
+@dataclass
+class Running:
+    agent: Agent
+    backends: SupabaseBackends
+    events: SupabaseEvents
+    worker_id: str
+    task: asyncio.Task[str]
+
+
+@asynccontextmanager
+async def running_agent(standin: StandIn, data_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
+    """The real agent loop on the stand-in: heartbeats every 0.5 s, a poll only every 10 min."""
     from agent.wiring import build_agent
 
-    heartbeat = 0.5
-    settings = settings_for(
-        standin,
-        tmp_path / "agent",
-        poll_interval=600.0,  # only Realtime, or the degraded poll while it is down, picks runs up
-        degraded_poll_interval=0.5,
-        heartbeat_interval=heartbeat,
-        stale_after=30.0,
-        offline=True,
-    )
-    backends = await open_supabase(settings, tuning=FAST)
-    agent = build_agent(settings, backends, offline=True)
-    task = asyncio.create_task(agent.run())
-    events = backends.events
-    assert isinstance(events, SupabaseEvents)
-    try:
-        await wait_for(lambda: agent.ready.is_set() and events.echoes >= 1, what="echo of the registry")
-        dropped_at = time.monotonic()
-        standin.faults.drop_subscriptions()
-        await wait_for(lambda: not events.healthy, timeout=10, what="the dead stream noticed")
-        noticed = time.monotonic() - dropped_at
-        await wait_for(lambda: events.subscriptions >= 2 and events.healthy, timeout=10, what="healed")
-        run_id = await backends.admin.submit(
-            NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.1})
-        )
-
-        async def claimed() -> bool:
-            row = await backends.admin.get(run_id)
-            return row is not None and row.worker_id == settings.worker_id
-
-        await wait_for(claimed, timeout=5, what="a run picked up after healing")
-    finally:
-        agent.stop("test over")
-        await asyncio.wait_for(task, timeout=30)
-        await backends.close()
-    assert noticed <= 3 * heartbeat + 1.0, f"noticed after {noticed:.2f}s"
-
-
-async def test_an_agent_holding_a_run_stops_at_once_and_its_stream_stays_alive_until_then(
-    standin: StandIn, tmp_path: Path, warnings: list[str]
-) -> None:
-    from agent.wiring import build_agent
-
-    heartbeat = 0.5
-    settings = settings_for(
-        standin,
-        tmp_path / "agent",
-        poll_interval=600.0,
-        heartbeat_interval=heartbeat,
-        stale_after=30.0,
-        offline=True,
-        shutdown_mode="release",
-    )
+    defaults: dict[str, Any] = {"poll_interval": 600.0, "heartbeat_interval": 0.5, "stale_after": 30.0}
+    settings = settings_for(standin, data_dir, offline=True, **{**defaults, **overrides})
     backends = await open_supabase(settings, tuning=FAST)
     agent = build_agent(settings, backends, offline=True)
     task = asyncio.create_task(agent.run())
@@ -345,19 +306,52 @@ async def test_an_agent_holding_a_run_stops_at_once_and_its_stream_stays_alive_u
     assert isinstance(events, SupabaseEvents)
     try:
         await wait_for(lambda: agent.ready.is_set(), what="agent ready")
-        run_id = await backends.admin.submit(
-            NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 60})
-        )
-        await wait_for(lambda: events.feeds.get(run_id), timeout=10, what="the run's feed up")
-        echoes = events.echoes
-        await wait_for(lambda: events.echoes >= echoes + 3, timeout=10, what="registry echoes while busy")
-        # The run ends (its feed is left) in the same moment the supervisor is told to stop.
-        agent.stop("test over")
-        await asyncio.wait_for(task, timeout=10)
+        yield Running(agent, backends, events, settings.worker_id, task)
     finally:
-        if not task.done():
-            task.cancel()
-        await backends.close()
+        agent.stop("test over")
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        finally:
+            await backends.close()
+
+
+def fake_run(seconds: float) -> NewRun:
+    return NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": seconds})
+
+
+async def test_an_idle_agent_heals_a_dropped_subscription_within_three_heartbeats(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    heartbeat = 0.5
+    # Only Realtime, or the degraded poll while it is down, picks runs up.
+    async with running_agent(standin, tmp_path / "agent", degraded_poll_interval=0.5) as r:
+        await wait_for(lambda: r.events.echoes >= 1, what="echo of the registry")
+        dropped_at = time.monotonic()
+        standin.faults.drop_subscriptions()
+        await wait_for(lambda: not r.events.healthy, timeout=10, what="the dead stream noticed")
+        noticed = time.monotonic() - dropped_at
+        await wait_for(lambda: r.events.subscriptions >= 2 and r.events.healthy, timeout=10, what="healed")
+        run_id = await r.backends.admin.submit(fake_run(0.1))
+
+        async def claimed() -> bool:
+            row = await r.backends.admin.get(run_id)
+            return row is not None and row.worker_id == r.worker_id
+
+        await wait_for(claimed, timeout=5, what="a run picked up after healing")
+    assert noticed <= 3 * heartbeat + 1.0, f"noticed after {noticed:.2f}s"
+
+
+async def test_an_agent_holding_a_run_stops_at_once_and_its_stream_stays_alive_until_then(
+    standin: StandIn, tmp_path: Path, warnings: list[str]
+) -> None:
+    async with running_agent(standin, tmp_path / "agent", shutdown_mode="release") as r:
+        run_id = await r.backends.admin.submit(fake_run(60))
+        await wait_for(lambda: r.events.feeds.get(run_id), timeout=10, what="the run's feed up")
+        echoes = r.events.echoes
+        await wait_for(lambda: r.events.echoes >= echoes + 3, timeout=10, what="registry echoes while busy")
+        # The run ends (its feed is left) in the same moment the watchdog is told to stop.
+        r.agent.stop("test over")
+        await asyncio.wait_for(r.task, timeout=10)
     async with await psycopg.AsyncConnection.connect(standin.database_url) as conn:
         cur = await conn.execute("select status, worker_id from training_runs where id = %s", [run_id])
         assert await cur.fetchone() == ("queued", None)
@@ -388,42 +382,20 @@ async def test_a_channel_past_the_per_client_cap_is_refused_as_realtime_refuses_
 async def test_an_agent_serving_run_after_run_keeps_one_channel_plus_one_per_held_run(
     standin: StandIn, tmp_path: Path
 ) -> None:
-    from agent.wiring import build_agent
-
     # Realtime refuses a socket's channel past its cap: a feed left behind would soon hit it.
     standin.realtime.max_channels_per_client = 2
-    settings = settings_for(
-        standin,
-        tmp_path / "agent",
-        poll_interval=600.0,
-        heartbeat_interval=0.5,
-        stale_after=30.0,
-        offline=True,
-    )
-    backends = await open_supabase(settings, tuning=FAST)
-    agent = build_agent(settings, backends, offline=True)
-    task = asyncio.create_task(agent.run())
-    events = backends.events
-    assert isinstance(events, SupabaseEvents)
     most = 0
-    try:
-        await wait_for(lambda: agent.ready.is_set(), what="agent ready")
+    async with running_agent(standin, tmp_path / "agent") as r:
         for _ in range(6):
-            run_id = await backends.admin.submit(
-                NewRun("/unused.yaml", "YOLOv8n", {"trainer": "fake", "epochs": 1, "fakeEpochSeconds": 0.3})
-            )
-            await wait_for(lambda run_id=run_id: events.feeds.get(run_id), timeout=10, what="its feed up")
+            run_id = await r.backends.admin.submit(fake_run(0.3))
+            await wait_for(lambda run_id=run_id: r.events.feeds.get(run_id), timeout=10, what="its feed up")
             most = max(most, len(_agent_channels(standin)))
 
             async def done(run_id: str = run_id) -> bool:
-                row = await backends.admin.get(run_id)
+                row = await r.backends.admin.get(run_id)
                 return row is not None and row.status.value == "completed"
 
             await wait_for(done, timeout=20, what="the run completed")
         await wait_for(lambda: len(_agent_channels(standin)) == 1, what="only the agent's own channel left")
-    finally:
-        agent.stop("test over")
-        await asyncio.wait_for(task, timeout=30)
-        await backends.close()
     assert most == 2
-    assert not [p for p in events.problems if "Too many channels" in p]
+    assert not [p for p in r.events.problems if "Too many channels" in p]
