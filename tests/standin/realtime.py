@@ -29,6 +29,9 @@ IDLE_TIMEOUT = 60.0  # Phoenix closes a websocket that sends nothing (not even a
 PRIVATE_ONLY = "PrivateOnly: This project only allows private channels"
 # A tenant's max_channels_per_client (100 by default): the join past it is refused with this.
 TOO_MANY_CHANNELS = "ChannelRateLimitReached: Too many channels"
+# A tenant's max_joins_per_second (100 by default, averaged over 5 s ticks, 12 of them): while
+# over it, a join is refused with this and its socket is disconnected (realtime_channel.ex).
+TOO_MANY_JOINS = "ClientJoinRateLimitReached: Too many joins per second"
 UNAUTHORIZED = "Error 401: Unauthorized"
 
 
@@ -158,6 +161,17 @@ class Connection:
                 await self.ws.send_str(text)
             except (ConnectionError, RuntimeError):
                 return
+            finally:
+                self._out.task_done()
+
+    def disconnect(self) -> None:
+        """Close the socket once what is queued has been sent, as Phoenix's `disconnect` does."""
+
+        async def after_flush() -> bool:
+            await self._out.join()
+            return await self.ws.close(code=WSCloseCode.GOING_AWAY)
+
+        self._closing = asyncio.ensure_future(after_flush())
 
     def drop(self) -> None:
         """Cut the connection without a close frame, as a network failure does."""
@@ -186,6 +200,7 @@ class Realtime:
         quota: EventQuota | None = None,
         private_only: bool = False,
         max_channels_per_client: int = 100,
+        max_joins_per_second: float | None = 100.0,
     ) -> None:
         self._pool = pool
         self._faults = faults
@@ -196,6 +211,7 @@ class Realtime:
         self.quota = quota or EventQuota()
         self.private_only = private_only  # the project's "allow public access to channels" turned off
         self.max_channels_per_client = max_channels_per_client  # per socket, as Realtime counts them
+        self.join_rate = EventQuota(max_joins_per_second, tick=5.0, window=12)  # the tenant's joins
         self._shadow: list[tuple[Binding, int]] = []
         faults._drop_subscriptions = self.drop_subscriptions
 
@@ -313,6 +329,11 @@ class Realtime:
         if topic == "realtime:":
             conn.reply(frame, "error", {"reason": "TopicNameRequired: You must provide a topic name"})
             return
+        if self.join_rate.triggered:
+            conn.reply(frame, "error", {"reason": TOO_MANY_JOINS})
+            conn.disconnect()
+            return
+        self.join_rate.add(1)
         if topic not in conn.channels and len(conn.channels) >= self.max_channels_per_client:
             conn.reply(frame, "error", {"reason": TOO_MANY_CHANNELS})
             return

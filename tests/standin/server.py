@@ -50,6 +50,7 @@ class StandIn:
         quota_window: int = 10,
         private_only: bool = False,
         max_channels_per_client: int = 100,
+        max_joins_per_second: float | None = 100.0,
     ) -> None:
         self.database_url = database_url
         self.storage_dir = Path(storage_dir)
@@ -71,6 +72,7 @@ class StandIn:
             quota=EventQuota(max_events_per_second, tick=quota_tick, window=quota_window),
             private_only=private_only,
             max_channels_per_client=max_channels_per_client,
+            max_joins_per_second=max_joins_per_second,
         )
         self._feed: ChangeFeed | None = None
         self._runner: web.AppRunner | None = None

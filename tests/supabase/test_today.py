@@ -28,6 +28,7 @@ from agent.domain.errors import MissingPrivilege
 from agent.domain.run import Lease, NewRun, WorkerInfo, WorkerState
 from agent.domain.status import WorkerStatus
 from tests.standin import StandIn
+from tests.standin.quota import EventQuota
 from tests.supabase.harness import FAST, settings_for
 from tests.supabase.test_events import Heard, listening
 from tests.util import wait_for
@@ -399,3 +400,30 @@ async def test_an_agent_serving_run_after_run_keeps_one_channel_plus_one_per_hel
         await wait_for(lambda: len(_agent_channels(standin)) == 1, what="only the agent's own channel left")
     assert most == 2
     assert not [p for p in r.events.problems if "Too many channels" in p]
+
+
+async def test_an_agent_over_the_join_rate_is_disconnected_then_heals_and_follows_its_run(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    async with running_agent(standin, tmp_path / "agent", degraded_poll_interval=0.5) as r:
+        # From now on the project is over its joins per second for about 2 s: the next join (this
+        # run's channel) is refused and the agent's socket disconnected, as Realtime does.
+        standin.realtime.join_rate = EventQuota(1.0, tick=0.5, window=4)
+        standin.realtime.join_rate.add(10)
+        await wait_for(lambda: standin.realtime.join_rate.triggered, what="over the rate at the next tick")
+        run_id = await r.backends.admin.submit(fake_run(6))
+        await wait_for(
+            lambda: any("ClientJoinRateLimitReached" in p for p in r.events.problems), what="the refusal"
+        )
+        await wait_for(
+            lambda: r.events.healthy and r.events.feeds.get(run_id), timeout=30, what="healed, run followed"
+        )
+        await sql(
+            standin,
+            "update training_runs set status = 'running', worker_id = 'old-script' where id = %s",
+            [run_id],
+        )
+        await wait_for(lambda: r.agent.runs.get(run_id) is None, timeout=10, what="the run dropped")
+    async with await psycopg.AsyncConnection.connect(standin.database_url) as conn:
+        cur = await conn.execute("select status, worker_id from training_runs where id = %s", [run_id])
+        assert await cur.fetchone() == ("running", "old-script")
