@@ -28,7 +28,7 @@ NEW = NewRun("/data/a.yaml", "YOLOv8n", {"epochs": 1})
 @pytest.fixture
 def log_messages() -> Iterator[list[str]]:
     messages: list[str] = []
-    handler = logger.add(lambda m: messages.append(m.record["message"]), level="DEBUG")
+    handler = logger.add(lambda m: messages.append(m.record["message"]), level="DEBUG", diagnose=False)
     yield messages
     logger.remove(handler)
 

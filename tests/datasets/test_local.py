@@ -61,7 +61,7 @@ async def test_local_dataset_end_to_end(tmp_path: Path, preparer_for: Preparers)
 
 async def test_counts_are_logged_with_bound_fields(tmp_path: Path, preparer_for: Preparers) -> None:
     records: list[Any] = []
-    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
+    sink = logger.add(lambda m: records.append(m.record), level="DEBUG", diagnose=False)
     try:
         yaml_path = basic_dataset(tmp_path / "proj")
         await preparer_for().prepare(request(str(yaml_path)), "run-7", tmp_path / "ws")

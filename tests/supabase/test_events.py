@@ -55,7 +55,7 @@ def warnings() -> Iterator[list[str]]:
         reason = message.record["extra"].get("reason")
         messages.append(message.record["message"] + (f" [{reason}]" if reason else ""))
 
-    sink = logger.add(record, level="WARNING")
+    sink = logger.add(record, level="WARNING", diagnose=False)
     yield messages
     logger.remove(sink)
 
@@ -64,7 +64,9 @@ def warnings() -> Iterator[list[str]]:
 def infos() -> Iterator[list[dict[str, object]]]:
     records: list[dict[str, object]] = []
     sink = logger.add(
-        lambda m: records.append({"message": m.record["message"], **m.record["extra"]}), level="INFO"
+        lambda m: records.append({"message": m.record["message"], **m.record["extra"]}),
+        level="INFO",
+        diagnose=False,
     )
     yield records
     logger.remove(sink)

@@ -40,7 +40,7 @@ ME = WorkerInfo("w1", "host-a", (), "test", 1)
 @pytest.fixture
 def warnings() -> Iterator[list[str]]:
     messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING", diagnose=False)
     yield messages
     logger.remove(sink)
 

@@ -148,7 +148,8 @@ async def test_a_stop_interrupts_a_slow_batch(tmp_path: Path, datasets: dict[str
     async for message in child.messages():
         if isinstance(message, BatchProgress):
             break
-    # Now in the middle of the next batch's work.
+    # Not a wait for a state: the child reports no batch start, and this places the stop 0.5 s into
+    # the next batch's 3 s of work, which is what the test measures.
     await asyncio.sleep(0.5)
 
     started = time.monotonic()

@@ -23,7 +23,7 @@ from tests.util import wait_for
 @pytest.fixture
 def captured() -> Iterator[list[dict[str, Any]]]:
     records: list[dict[str, Any]] = []
-    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
+    sink = logger.add(lambda m: records.append(m.record), level="DEBUG", diagnose=False)
     yield records
     logger.remove(sink)
 
@@ -32,7 +32,7 @@ def _text_line(**fields: object) -> str:
     out = io.StringIO()
     logs.setup("INFO")
     logger.remove()
-    logger.add(out, level="INFO", format=logs._text_format, colorize=False)
+    logger.add(out, level="INFO", diagnose=False, format=logs._text_format, colorize=False)
     try:
         logger.bind(**fields).info("hello")
     finally:
@@ -54,7 +54,7 @@ def test_text_lines_show_fields_as_key_value_and_cut_long_values_in_the_middle()
 def test_json_lines_keep_their_shape_and_cap_each_field() -> None:
     out = io.StringIO()
     logger.remove()
-    logger.add(out, level="INFO", format=logs._json_format, serialize=True)
+    logger.add(out, level="INFO", diagnose=False, format=logs._json_format, serialize=True)
     try:
         logger.bind(run_id="r-1", blob="y" * 5000, n=3).info("hello")
     finally:

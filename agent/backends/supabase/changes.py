@@ -176,17 +176,18 @@ def hint_from_change(payload: object) -> Hint | None:
     worker = record.get("worker_id")
     cancel = record.get("cancel_requested")
     attempt = record.get("attempt")
-    whole = op == "INSERT" and not change_errors(data) and all(key in record for key in _IMAGE_KEYS)
+    claimable = op != "DELETE" and is_claimable(
+        raw_status if isinstance(raw_status, str) else None,
+        record.get("started_at"),
+        worker if isinstance(worker, str) else None,
+        cancel if isinstance(cancel, bool) else None,
+    )
+    # Only a claim decision reads the image: a new claimable run, carried whole.
+    whole = claimable and op == "INSERT" and not change_errors(data) and all(k in record for k in _IMAGE_KEYS)
     return Hint(
         run_id=str(record["id"]),
         op=op,
-        claimable=op != "DELETE"
-        and is_claimable(
-            raw_status if isinstance(raw_status, str) else None,
-            record.get("started_at"),
-            worker if isinstance(worker, str) else None,
-            cancel if isinstance(cancel, bool) else None,
-        ),
+        claimable=claimable,
         cancel_requested=cancel is True,
         worker_id=str(worker) if worker is not None else None,
         status=status,

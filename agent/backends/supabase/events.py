@@ -506,11 +506,10 @@ class SupabaseEvents:
 
     def _drop_feeds(self) -> None:
         """Leave every feed; the next healthy check joins them again, each with its CHECK."""
-        client = self._client
-        feeds, self._feeds = list(self._feeds.values()), {}
-        if client is not None:
-            for feed in feeds:
-                self._spawn(self._remove(client, feed.channel))
+        if self._client is not None:
+            for feed in list(self._feeds.values()):
+                self._leave_feed(self._client, feed)
+        self._feeds = {}
 
     def _check_echo(self, now: float) -> None:
         """Raise when none of this agent's own writes came back in time: the stream is silently dead."""
