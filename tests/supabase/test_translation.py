@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from postgrest import APIError
@@ -15,6 +17,7 @@ from agent.backends.supabase.transport import translate
 from agent.domain.errors import BackendError, BackendUnavailable, NotFound
 from agent.domain.run import json_safe
 from agent.domain.status import RunStatus
+from agent.domain.untrusted import Unreadable
 
 RUN = "5f0c1d2e-0000-4000-8000-000000000001"
 T0 = "2025-01-01T00:00:00.123456+00:00"
@@ -65,6 +68,26 @@ def test_an_insert_carrying_the_whole_row_gives_its_image_for_the_claim_decision
         {"epochs": 3, "device": "0,1"},
         "YOLOv8n",
     )
+
+
+@pytest.mark.parametrize(
+    "configuration",
+    [
+        {"epochs": 3, "junk": "x" * 200_000},
+        {"epochs": 3, "deep": json.loads('{"a":' * 40 + "1" + "}" * 40)},
+        {f"k{i}": i for i in range(3000)},
+    ],
+)
+def test_an_image_from_an_event_is_held_to_the_row_limits(configuration: dict[str, object]) -> None:
+    # The event's record comes decoded: the same limits as a row read through the store apply.
+    hint = hint_from_change(change("INSERT", **{**WHOLE, "configuration": configuration}))
+    assert hint is not None and hint.image is not None
+    assert isinstance(hint.image.configuration, Unreadable)
+
+
+def test_no_image_for_a_run_that_is_not_claimable() -> None:
+    taken = change("INSERT", **{**WHOLE, "worker_id": "w9", "started_at": T0})
+    assert (hint := hint_from_change(taken)) is not None and not hint.claimable and hint.image is None
 
 
 def test_no_image_from_an_update_or_a_record_realtime_cut_short() -> None:
